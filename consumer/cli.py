@@ -1,0 +1,173 @@
+"""`emotion-worker`: run the worker, publish frame events, run the demo, make a tiny model."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from consumer.config import ConfigError, WorkerSettings, load_settings
+
+# Flag -> (section, field) of WorkerSettings; flags beat the environment and the file.
+_RUN_FLAGS: dict[str, tuple[str, str]] = {
+    "bootstrap_servers": ("kafka", "bootstrap_servers"),
+    "group_id": ("kafka", "group_id"),
+    "input_topic": ("kafka", "input_topic"),
+    "output_topic": ("kafka", "output_topic"),
+    "dead_letter_topic": ("kafka", "dead_letter_topic"),
+    "model_path": ("model", "path"),
+    "device": ("model", "device"),
+    "max_batch_size": ("batch", "max_batch_size"),
+    "max_wait_ms": ("batch", "max_wait_ms"),
+    "log_format": ("log", "format"),
+    "log_level": ("log", "level"),
+}
+_SECRET_WORDS = ("password", "secret", "token", "key.pem", "sasl.oauthbearer.config")
+
+
+def overrides_from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The nested settings dict of the flags that were given."""
+    nested: dict[str, dict[str, Any]] = {}
+    for flag, (section, field) in _RUN_FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            nested.setdefault(section, {})[field] = value
+    return nested
+
+
+def masked_settings(settings: WorkerSettings) -> dict[str, Any]:
+    """The effective settings for the start-up log line, secrets replaced by '***'."""
+
+    def mask(value: Any, name: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: mask(v, str(k)) for k, v in value.items()}
+        if any(word in name.lower() for word in _SECRET_WORDS):
+            return "***"
+        return value
+
+    return dict(mask(settings.model_dump(mode="json")))
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="TOML config file (see README)")
+    parser.add_argument("--bootstrap-servers", dest="bootstrap_servers")
+    parser.add_argument("--group-id", dest="group_id")
+    parser.add_argument("--input-topic", dest="input_topic")
+    parser.add_argument("--output-topic", dest="output_topic")
+    parser.add_argument("--dead-letter-topic", dest="dead_letter_topic")
+    parser.add_argument("--model-path", dest="model_path", type=Path,
+                        help="local LLaVA checkpoint folder (Hugging Face layout)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--max-batch-size", dest="max_batch_size", type=int)
+    parser.add_argument("--max-wait-ms", dest="max_wait_ms", type=float)
+    parser.add_argument("--log-format", dest="log_format", choices=["auto", "json", "console"])
+    parser.add_argument("--log-level", dest="log_level",
+                        choices=["debug", "info", "warning", "error"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="emotion-worker", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="consume frame events and publish emotion results")
+    _add_run_flags(run)
+
+    produce = sub.add_parser("produce", help="publish a frame event for every image in a folder")
+    produce.add_argument("folder", type=Path)
+    produce.add_argument("--bootstrap-servers", required=True)
+    produce.add_argument("--topic", default="frames")
+    produce.add_argument("--stream-id", default=None,
+                         help="stream id of every event (default: the image's folder name)")
+    produce.add_argument("--limit", type=int, default=None, help="at most this many images")
+    produce.add_argument("--create-topic", type=int, metavar="PARTITIONS", default=None,
+                         help="create the topic with this many partitions if it is missing")
+
+    demo = sub.add_parser("demo", help="local broker + tiny model + FER faces, end to end")
+    demo.add_argument("--data", type=Path, default=None,
+                      help="labelled face folder (default: ../shared/data/fer2013/train)")
+    demo.add_argument("--events", type=int, default=300)
+    demo.add_argument("--model-path", type=Path, default=None)
+    demo.add_argument("--bootstrap-servers", default=None,
+                      help="use this cluster instead of starting a local broker")
+
+    tiny = sub.add_parser("make-tiny-model", help="write a small random LLaVA checkpoint")
+    tiny.add_argument("path", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from consumer.engine import EmotionEngine
+    from consumer.logs import configure_logging, get_logger
+    from consumer.pipeline import Worker
+
+    settings = load_settings(args.config, overrides_from_flags(args))
+    configure_logging(settings.log)
+    log = get_logger("consumer.cli")
+    log.info("effective config", config=masked_settings(settings))
+    engine = EmotionEngine.load(settings.model, max_batch_size=settings.batch.max_batch_size)
+    engine.warm_up()
+    log.info("model ready", model_id=engine.model_id, device=str(engine.device))
+    worker = Worker(settings, engine)
+    install_stop_signals(worker.request_stop)
+    return worker.run()
+
+
+def install_stop_signals(request_stop: Any) -> None:
+    """First SIGTERM/SIGINT drains and commits; a second one exits at once, committing nothing."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        if getattr(handler, "seen", False):
+            os._exit(128 + signum)
+        handler.seen = True  # type: ignore[attr-defined]
+        request_stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from consumer.event_source import publish_folder
+    from consumer.kafka_io import ensure_topics
+
+    if args.create_topic:
+        ensure_topics(args.bootstrap_servers, [args.topic], partitions=args.create_topic)
+    count = publish_folder(args.folder, args.bootstrap_servers, args.topic,
+                           stream_id=args.stream_id, limit=args.limit)
+    print(f"published {count} frame events to {args.topic}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from consumer.demo import run_demo
+
+    return run_demo(data=args.data, events=args.events, model_path=args.model_path,
+                    bootstrap_servers=args.bootstrap_servers)
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from consumer.engine import make_tiny_checkpoint
+
+    print(make_tiny_checkpoint(args.path, seed=args.seed))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    commands = {"run": cmd_run, "produce": cmd_produce, "demo": cmd_demo,
+                "make-tiny-model": cmd_make_tiny_model}
+    try:
+        return commands[args.command](args)
+    except ConfigError as exc:
+        print(f"emotion-worker: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""Worker settings: defaults < config file (TOML) < environment < command-line flags.
+
+Environment variables use the prefix ``EMOTION_WORKER_`` and ``__`` between nested
+names, for example ``EMOTION_WORKER_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or
+``EMOTION_WORKER_MODEL__PATH=/models/llava-fer``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+FER_LABELS: tuple[str, ...] = (
+    "angry",
+    "disgusted",
+    "fearful",
+    "happy",
+    "neutral",
+    "sad",
+    "surprised",
+)
+
+# LLaVA-1.5's conversation format; `{labels}` is filled with the configured answer words.
+DEFAULT_PROMPT = (
+    "USER: <image>\nWhich emotion does this face show? "
+    "Answer with one word: {labels}. ASSISTANT:"
+)
+
+
+class ConfigError(ValueError):
+    """A setting a user gave is wrong; the message names the field and the fix."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaSettings(_Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "emotion-worker"
+    input_topic: str = "frames"
+    output_topic: str = "emotions"
+    dead_letter_topic: str = "frames.dead-letter"
+    # Any librdkafka setting, by its own dotted name (e.g. "security.protocol": "SASL_SSL").
+    # `common` goes to both clients; the others override it for one client.
+    common_config: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    consumer_config: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    producer_config: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    poll_timeout_s: float = Field(default=0.1, gt=0, le=5)
+    commit_interval_s: float = Field(default=1.0, gt=0)
+
+
+class ModelSettings(_Section):
+    path: Path = Path(".cache/models/tiny-llava")
+    # Names written into results, and the word the model answers for each (same order).
+    labels: tuple[str, ...] = FER_LABELS
+    answer_words: tuple[str, ...] | None = None
+    prompt: str = DEFAULT_PROMPT
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    model_id: str | None = None  # written into results; defaults to the folder name
+
+    @model_validator(mode="after")
+    def _check_labels(self) -> ModelSettings:
+        if len(self.labels) < 2:
+            raise ValueError("model.labels needs at least two labels")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"model.labels has duplicates: {list(self.labels)}")
+        if self.answer_words is not None and len(self.answer_words) != len(self.labels):
+            raise ValueError(
+                "model.answer_words must have one word per label "
+                f"({len(self.labels)}), got {len(self.answer_words)}"
+            )
+        if "<image>" not in self.prompt:
+            raise ValueError("model.prompt must contain the image placeholder <image>")
+        return self
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        """The answer word of each label."""
+        return self.answer_words or self.labels
+
+
+class BatchSettings(_Section):
+    max_batch_size: int = Field(default=16, ge=1, le=1024)
+    max_wait_ms: float = Field(default=20.0, ge=0, le=10_000)
+
+
+class FetchSettings(_Section):
+    threads: int = Field(default=4, ge=1, le=256)
+    timeout_s: float = Field(default=10.0, gt=0, le=300)
+    max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(default=40_000_000, ge=1)
+    # Retriable failures (timeouts, connection errors, 5xx) are tried this many extra times.
+    retries: int = Field(default=2, ge=0, le=10)
+    retry_backoff_s: float = Field(default=0.2, ge=0, le=30)
+
+
+class FlowSettings(_Section):
+    # Above max_in_flight events the partitions are paused; below resume_below they resume.
+    max_in_flight: int = Field(default=256, ge=1)
+    resume_below: int = Field(default=128, ge=0)
+    drain_timeout_s: float = Field(default=20.0, ge=0)
+    max_event_bytes: int = Field(default=64 * 1024, ge=256)
+
+    @model_validator(mode="after")
+    def _check_marks(self) -> FlowSettings:
+        if self.resume_below >= self.max_in_flight:
+            raise ValueError(
+                f"flow.resume_below ({self.resume_below}) must be lower than "
+                f"flow.max_in_flight ({self.max_in_flight})"
+            )
+        return self
+
+
+class LogSettings(_Section):
+    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+class WorkerSettings(BaseSettings):
+    """Everything one worker process needs; see README's config reference."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EMOTION_WORKER_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    kafka: KafkaSettings = KafkaSettings()
+    model: ModelSettings = ModelSettings()
+    batch: BatchSettings = BatchSettings()
+    fetch: FetchSettings = FetchSettings()
+    flow: FlowSettings = FlowSettings()
+    log: LogSettings = LogSettings()
+
+    @field_validator("kafka", mode="before")
+    @classmethod
+    def _no_none(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags (init) beat the environment; the config file is merged into init by load().
+        return (init_settings, env_settings)
+
+
+def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _env_keys() -> set[tuple[str, ...]]:
+    import os
+
+    keys = set()
+    for name in os.environ:
+        if name.upper().startswith("EMOTION_WORKER_"):
+            keys.add(tuple(name[len("EMOTION_WORKER_") :].lower().split("__")))
+    return keys
+
+
+def _drop_env_overridden(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Remove file values that the environment sets, so the environment wins over the file."""
+    env = _env_keys()
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = (*prefix, key)
+        if path in env:
+            continue
+        out[key] = _drop_env_overridden(value, path) if isinstance(value, dict) else value
+    return out
+
+
+def load_settings(
+    config_file: Path | None = None, overrides: dict[str, Any] | None = None
+) -> WorkerSettings:
+    """Build the settings; raise ConfigError naming the field and the fix on any mistake."""
+    data: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            data = tomllib.loads(Path(config_file).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {config_file} does not exist; fix the path") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
+        data = _drop_env_overridden(data)
+    data = _deep_merge(data, overrides or {})
+    try:
+        return WorkerSettings(**data)
+    except ValidationError as exc:
+        raise ConfigError(describe_validation_error(exc, source="setting")) from exc
+
+
+def describe_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per problem: the dotted field, what was wrong and what was given."""
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(part) for part in err["loc"]) or "(root)"
+        given = err.get("input")
+        shown = repr(given)
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        lines.append(f"{source} {field}: {err['msg']} (got {shown})")
+    return "; ".join(lines)

@@ -1,0 +1,133 @@
+"""The demo: local broker, tiny model, real FER faces in, emotion results out, a summary."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from confluent_kafka import Consumer, Producer
+
+from consumer.config import LogSettings, load_settings
+from consumer.event_source import frame_events
+from consumer.kafka_io import ensure_topics
+from consumer.logs import configure_logging
+from schemas import DeadLetter, EmotionResult
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "fer2013" / "train"
+DEFAULT_MODEL = REPO / ".cache" / "models" / "tiny-llava"
+
+
+@contextlib.contextmanager
+def _broker(bootstrap_servers: str | None) -> Iterator[str]:
+    if bootstrap_servers:
+        yield bootstrap_servers
+        return
+    from deploy.kafka.local_broker import LocalKafkaBroker
+
+    print("starting a local Kafka broker (first run fetches it with Maven) ...", flush=True)
+    with LocalKafkaBroker() as broker:
+        yield broker.bootstrap_servers
+
+
+def _publish(bootstrap: str, topic: str, data: Path, events: int) -> dict[str, str]:
+    """Publish the events; returns event id -> true label (the image's folder name)."""
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    truth: dict[str, str] = {}
+    for path, event in frame_events(data, limit=events):
+        truth[event.event_id] = path.parent.name
+        producer.produce(topic, key=event.stream_id.encode(), value=event.model_dump_json())
+        producer.poll(0)
+    if producer.flush(30):
+        raise RuntimeError("the demo's frame events were not all delivered")
+    return truth
+
+
+def _collect(bootstrap: str, topics: list[str], expected: int,
+             timeout_s: float) -> tuple[list[EmotionResult], list[DeadLetter]]:
+    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"demo-reader-{uuid.uuid4()}",
+                       "auto.offset.reset": "earliest", "isolation.level": "read_committed"})
+    reader.subscribe(topics)
+    results: list[EmotionResult] = []
+    letters: list[DeadLetter] = []
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(results) + len(letters) < expected and time.monotonic() < deadline:
+            for msg in reader.consume(500, timeout=0.5):
+                if msg.error():
+                    continue
+                if msg.topic() == topics[0]:
+                    results.append(EmotionResult.model_validate_json(msg.value()))
+                else:
+                    letters.append(DeadLetter.model_validate_json(msg.value()))
+    finally:
+        reader.close()
+    return results, letters
+
+
+def _print_report(results: list[EmotionResult], letters: list[DeadLetter],
+                  truth: dict[str, str], elapsed: float, sent: int) -> None:
+    print(f"\n{'offset':>6}  {'stream':<10} {'true':<10} {'predicted':<10} {'conf':>5}")
+    for result in sorted(results, key=lambda r: r.source.offset)[:12]:
+        face = result.faces[0]
+        print(f"{result.source.offset:>6}  {result.stream_id:<10} "
+              f"{truth.get(result.event_id, '?'):<10} {face.label:<10} {face.confidence:>5.2f}")
+    faces = [(r.event_id, f.label) for r in results for f in r.faces]
+    correct = sum(1 for event_id, label in faces if truth.get(event_id) == label)
+    unique = len({(r.source.partition, r.source.offset) for r in results})
+    share = 100.0 * correct / max(1, len(faces))
+    print(f"\ncorrect labels: {correct}/{len(faces)} faces ({share:.1f}%; chance is 14%, "
+          "and the demo's default tiny model is randomly initialised)")
+    print(f"summary: events={sent} results={len(results)} (unique {unique}) "
+          f"dead_letters={len(letters)} elapsed={elapsed:.1f}s "
+          f"events/s={(len(results) + len(letters)) / max(elapsed, 1e-9):.1f}")
+
+
+def run_demo(data: Path | None = None, events: int = 300, model_path: Path | None = None,
+             bootstrap_servers: str | None = None, timeout_s: float = 240.0) -> int:
+    """Run the whole path once; returns 0 when every event got a result or dead letter."""
+    from consumer.engine import EmotionEngine, make_tiny_checkpoint
+    from consumer.pipeline import Worker
+
+    data = data or DEFAULT_DATA
+    if not data.is_dir():
+        print(f"error: face folder {data} does not exist; pass --data FOLDER "
+              "(one subfolder per emotion, like FER-2013's train folder)")
+        return 2
+    model = model_path or DEFAULT_MODEL
+    if not (model / "config.json").exists():
+        print(f"writing a tiny random LLaVA checkpoint to {model} ...", flush=True)
+        make_tiny_checkpoint(model)
+    configure_logging(LogSettings(format="console", level="warning"))
+    run_id = uuid.uuid4().hex[:8]
+    topics = {"input_topic": f"demo-frames-{run_id}", "output_topic": f"demo-emotions-{run_id}",
+              "dead_letter_topic": f"demo-dead-letters-{run_id}"}
+    with _broker(bootstrap_servers) as bootstrap:
+        ensure_topics(bootstrap, topics.values(), partitions=2)
+        settings = load_settings(overrides={
+            "kafka": {"bootstrap_servers": bootstrap, "group_id": f"demo-{run_id}", **topics},
+            "model": {"path": str(model)},
+        })
+        engine = EmotionEngine.load(settings.model, max_batch_size=settings.batch.max_batch_size)
+        engine.warm_up()
+        truth = _publish(bootstrap, topics["input_topic"], data, events)
+        print(f"published {len(truth)} frame events from {data}; running the worker ...",
+              flush=True)
+        worker = Worker(settings, engine)
+        exit_codes: list[int] = []
+        thread = threading.Thread(target=lambda: exit_codes.append(worker.run()), name="worker")
+        started = time.monotonic()
+        thread.start()
+        results, letters = _collect(bootstrap, [topics["output_topic"],
+                                                topics["dead_letter_topic"]], len(truth), timeout_s)
+        elapsed = time.monotonic() - started
+        worker.request_stop()
+        thread.join()
+    _print_report(results, letters, truth, elapsed, len(truth))
+    complete = len({(r.source.partition, r.source.offset) for r in results}) + len(letters) >= len(
+        truth)
+    return 0 if complete and exit_codes == [0] else 1

@@ -1,0 +1,103 @@
+"""Thin edges over confluent-kafka: client configs, record copies and topic set-up."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Message
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from consumer.config import ConfigError, KafkaSettings
+from consumer.work import InputRecord
+
+# Settings the delivery guarantee depends on; a user override of these is refused.
+_CONSUMER_FIXED = {
+    "enable.auto.commit": False,  # offsets are committed by the worker, after results
+    "enable.auto.offset.store": False,
+}
+_PRODUCER_FIXED = {
+    "enable.idempotence": True,  # no duplicates or reordering from producer retries
+    "acks": "all",
+}
+
+
+class KafkaConfigError(ConfigError):
+    """A librdkafka override would break the worker's delivery guarantee."""
+
+
+def _check_fixed(overrides: dict[str, Any], fixed: dict[str, Any], section: str) -> None:
+    for name, required in fixed.items():
+        if name in overrides and str(overrides[name]).lower() != str(required).lower():
+            raise KafkaConfigError(
+                f"kafka.{section}[{name!r}]={overrides[name]!r} is not allowed: the worker "
+                f"needs {name}={required} to commit only published events; remove it"
+            )
+
+
+def consumer_config(settings: KafkaSettings) -> dict[str, Any]:
+    """librdkafka consumer settings: ours, then the user's common and consumer overrides."""
+    overrides = {**settings.common_config, **settings.consumer_config}
+    _check_fixed(overrides, _CONSUMER_FIXED, "consumer_config")
+    return {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "group.id": settings.group_id,
+        "auto.offset.reset": "earliest",
+        # Incremental rebalances: a scale-up does not stop every worker's partitions.
+        "partition.assignment.strategy": "cooperative-sticky",
+        **overrides,
+        **_CONSUMER_FIXED,
+    }
+
+
+def producer_config(settings: KafkaSettings) -> dict[str, Any]:
+    """librdkafka producer settings: idempotent, acks=all, small linger for batching."""
+    overrides = {**settings.common_config, **settings.producer_config}
+    _check_fixed(overrides, _PRODUCER_FIXED, "producer_config")
+    return {
+        "bootstrap.servers": settings.bootstrap_servers,
+        "linger.ms": 5,
+        "compression.type": "lz4",
+        **overrides,
+        **_PRODUCER_FIXED,
+    }
+
+
+def to_record(message: Message) -> InputRecord:
+    """Copy what the pipeline needs out of a consumed message."""
+    headers = tuple((k, v) for k, v in (message.headers() or []))
+    timestamp_type, timestamp = message.timestamp()
+    return InputRecord(
+        topic=message.topic(),
+        partition=message.partition(),
+        offset=message.offset(),
+        key=message.key(),
+        value=message.value() or b"",
+        headers=headers,
+        timestamp_ms=timestamp if timestamp_type else None,
+    )
+
+
+def ensure_topics(
+    bootstrap_servers: str,
+    topics: Iterable[str],
+    partitions: int = 1,
+    extra_config: dict[str, Any] | None = None,
+    timeout_s: float = 30.0,
+) -> None:
+    """Create the topics that do not exist yet (for the demo, tests and development)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap_servers, **(extra_config or {})})
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    wanted = [
+        NewTopic(name, num_partitions=partitions, replication_factor=-1)
+        for name in dict.fromkeys(topics)
+        if name not in existing
+    ]
+    if not wanted:
+        return
+    for name, future in admin.create_topics(wanted, operation_timeout=timeout_s).items():
+        try:
+            future.result(timeout=timeout_s)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise RuntimeError(f"could not create topic {name}: {exc}") from exc

@@ -1,0 +1,89 @@
+"""Which input offsets may be committed: the contiguous done prefix of each partition.
+
+Events of one partition finish out of order (a dead letter can be published before the
+result of a slow image that came earlier). An offset is committable only when it and every
+earlier tracked offset of its partition are done, i.e. acknowledged by the broker.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+TopicPartition = tuple[str, int]
+
+
+@dataclass
+class _PartitionState:
+    pending: deque[int] = field(default_factory=deque)  # offsets in the order they were read
+    done: set[int] = field(default_factory=set)
+    next_commit: int | None = None  # offset to commit (last done of the prefix + 1)
+    committed: int | None = None
+
+
+class OffsetTracker:
+    """Thread-safe: offsets are tracked by the poll loop and marked done by delivery reports."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._partitions: dict[TopicPartition, _PartitionState] = {}
+
+    def assign(self, tp: TopicPartition) -> None:
+        with self._lock:
+            self._partitions.setdefault(tp, _PartitionState())
+
+    def revoke(self, tp: TopicPartition) -> None:
+        """Forget a partition: later marks for it are ignored, so it is never committed."""
+        with self._lock:
+            self._partitions.pop(tp, None)
+
+    def owns(self, tp: TopicPartition) -> bool:
+        with self._lock:
+            return tp in self._partitions
+
+    def track(self, tp: TopicPartition, offset: int) -> None:
+        """Record an offset as in flight; offsets of a partition must come in increasing order."""
+        with self._lock:
+            state = self._partitions.setdefault(tp, _PartitionState())
+            if state.pending and offset <= state.pending[-1]:
+                raise ValueError(f"offset {offset} of {tp} is not after {state.pending[-1]}")
+            state.pending.append(offset)
+
+    def mark_done(self, tp: TopicPartition, offset: int) -> None:
+        """The event's result or dead letter was acknowledged by the broker."""
+        with self._lock:
+            state = self._partitions.get(tp)
+            if state is None:
+                return  # revoked meanwhile: another worker owns it now
+            state.done.add(offset)
+            while state.pending and state.pending[0] in state.done:
+                finished = state.pending.popleft()
+                state.done.discard(finished)
+                state.next_commit = finished + 1
+
+    def in_flight(self) -> int:
+        """Events read but not yet done, over all partitions."""
+        with self._lock:
+            return sum(len(s.pending) for s in self._partitions.values())
+
+    def in_flight_of(self, tp: TopicPartition) -> int:
+        with self._lock:
+            state = self._partitions.get(tp)
+            return len(state.pending) if state else 0
+
+    def committable(self) -> dict[TopicPartition, int]:
+        """Offsets to commit now (next offset to read), only where they moved since last time."""
+        with self._lock:
+            return {
+                tp: s.next_commit
+                for tp, s in self._partitions.items()
+                if s.next_commit is not None and s.next_commit != s.committed
+            }
+
+    def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
+        with self._lock:
+            for tp, offset in offsets.items():
+                state = self._partitions.get(tp)
+                if state is not None:
+                    state.committed = offset

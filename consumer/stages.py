@@ -1,0 +1,121 @@
+"""The per-event stages as plain functions: parse, prepare (fetch, decode, crop), encode."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from pydantic import ValidationError
+
+from consumer.config import FetchSettings, describe_validation_error
+from consumer.errors import EventError
+from consumer.faces import crop_faces, face_boxes
+from consumer.images import decode_image, fetch_with_retries
+from consumer.work import FailedEvent, InputRecord, Outcome, PreparedEvent
+from schemas import DeadLetter, EmotionResult, FaceEmotion, FrameEvent, Header, result_id_for
+from schemas.results import ResultStatus
+
+WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+
+
+class ScoredFace:
+    """Structural type of what the engine returns per face (see consumer.engine.FaceScores)."""
+
+    label: str
+    confidence: float
+    scores: dict[str, float]
+
+
+def parse_event(record: InputRecord, max_event_bytes: int) -> FrameEvent:
+    """Validate the record's value as a frame event, or raise an EventError naming the field."""
+    if len(record.value) > max_event_bytes:
+        raise EventError(
+            "event_too_large",
+            f"event is {len(record.value)} bytes, over flow.max_event_bytes={max_event_bytes}",
+        )
+    try:
+        json.loads(record.value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise EventError("not_json", f"event is not UTF-8 JSON: {exc}") from exc
+    try:
+        return FrameEvent.model_validate_json(record.value)
+    except ValidationError as exc:
+        raise EventError("invalid_event", describe_validation_error(exc, source="field")) from exc
+
+
+def prepare_event(
+    record: InputRecord, event: FrameEvent, settings: FetchSettings
+) -> PreparedEvent | FailedEvent:
+    """Fetch, decode and crop; any failure becomes a FailedEvent (runs on a fetch thread)."""
+    attempts = 1
+    try:
+        data, attempts = fetch_with_retries(event.image, settings)
+        image = decode_image(data, settings.max_pixels)
+        boxes = face_boxes(image, event.faces)
+        return PreparedEvent(record, event, boxes, crop_faces(image, boxes), attempts)
+    except EventError as exc:
+        return FailedEvent(record, exc.kind, exc.message, attempts, event.event_id)
+    except Exception as exc:  # a bug or a hostile file must not take the worker down
+        return FailedEvent(
+            record, "image_undecodable", f"{type(exc).__name__}: {exc}", attempts, event.event_id
+        )
+
+
+def encode_result(
+    prepared: PreparedEvent, scores: Sequence[ScoredFace], model_id: str, output_topic: str
+) -> Outcome:
+    """The result for one prepared event, keyed by stream id so each stream stays ordered."""
+    event = prepared.event
+    faces = [
+        FaceEmotion(box=box, label=s.label, confidence=s.confidence, scores=s.scores)
+        for box, s in zip(prepared.boxes, scores, strict=True)
+    ]
+    status: ResultStatus = "ok" if faces else "no_face"
+    source = prepared.record.source
+    result = EmotionResult(
+        result_id=result_id_for(source),
+        event_id=event.event_id,
+        stream_id=event.stream_id,
+        source=source,
+        captured_at=event.captured_at,
+        processed_at=datetime.now(UTC),
+        model_id=model_id,
+        status=status,
+        faces=faces,
+    )
+    return Outcome(
+        record=prepared.record,
+        topic=output_topic,
+        key=event.stream_id.encode(),
+        value=result.model_dump_json().encode(),
+        is_dead_letter=False,
+        headers=[("event_id", event.event_id.encode())],
+    )
+
+
+def encode_dead_letter(failed: FailedEvent, dead_letter_topic: str) -> Outcome:
+    """The dead letter for a failed record: original bytes, headers and why it failed."""
+    record = failed.record
+    letter = DeadLetter(
+        source=record.source,
+        event_id=failed.event_id,
+        key=record.key,
+        value=record.value,
+        headers=[Header(key=k, value=v) for k, v in record.headers],
+        error_kind=failed.kind,
+        error_message=failed.message,
+        attempts=failed.attempts,
+        failed_at=datetime.now(UTC),
+        worker_id=WORKER_ID,
+    )
+    return Outcome(
+        record=record,
+        topic=dead_letter_topic,
+        key=record.key,
+        value=letter.model_dump_json().encode(),
+        is_dead_letter=True,
+        headers=[("error_kind", failed.kind.encode())],
+    )

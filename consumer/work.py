@@ -1,0 +1,64 @@
+"""Plain values that flow between the stages; Kafka objects stay in kafka_io."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from PIL import Image
+
+from schemas import ErrorKind, FaceBox, FrameEvent, SourceCoordinates
+
+
+@dataclass(frozen=True, slots=True)
+class InputRecord:
+    """One consumed Kafka record, copied out of the client's message object."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+    timestamp_ms: int | None = None
+
+    @property
+    def source(self) -> SourceCoordinates:
+        return SourceCoordinates(topic=self.topic, partition=self.partition, offset=self.offset)
+
+    @property
+    def topic_partition(self) -> tuple[str, int]:
+        return (self.topic, self.partition)
+
+
+@dataclass(slots=True)
+class PreparedEvent:
+    """A valid event whose image was fetched and decoded, with one RGB crop per face."""
+
+    record: InputRecord
+    event: FrameEvent
+    boxes: list[FaceBox]
+    crops: list[Image.Image]
+    fetch_attempts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class FailedEvent:
+    """A record that becomes a dead letter."""
+
+    record: InputRecord
+    kind: ErrorKind
+    message: str
+    attempts: int = 1
+    event_id: str | None = None
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What to publish for one record: a result or a dead letter, as JSON bytes."""
+
+    record: InputRecord
+    topic: str
+    key: bytes | None
+    value: bytes
+    is_dead_letter: bool
+    headers: list[tuple[str, bytes]] = field(default_factory=list)

@@ -1,0 +1,75 @@
+"""Shared fixtures: the tiny LLaVA checkpoint, FER faces, and the Kafka broker."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+FER_TRAIN = REPO.parent / "shared" / "data" / "fer2013" / "train"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised tiny LLaVA written in the Hugging Face layout."""
+    from consumer.engine import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("models") / "tiny-llava", seed=0)
+
+
+@pytest.fixture(scope="session")
+def fer_faces() -> list[tuple[Path, str]]:
+    """Two real FER faces per class: (path, true label)."""
+    if not FER_TRAIN.is_dir():
+        pytest.fail(f"FER data missing at {FER_TRAIN}; set up ../shared/data/fer2013")
+    picked = []
+    for class_dir in sorted(p for p in FER_TRAIN.iterdir() if p.is_dir()):
+        for image in sorted(class_dir.glob("*.png"))[:2]:
+            picked.append((image, class_dir.name))
+    return picked
+
+
+def _docker_engine_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap() -> Iterator[str]:
+    """A real broker: $KAFKA_BOOTSTRAP_SERVERS, else testcontainers, else the local launcher."""
+    named = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
+    if named:
+        yield named
+        return
+    if _docker_engine_answers():
+        from testcontainers.kafka import KafkaContainer
+
+        with KafkaContainer().with_kraft() as container:
+            yield container.get_bootstrap_server()
+        return
+    from deploy.kafka.local_broker import LocalKafkaBroker
+
+    with LocalKafkaBroker() as broker:
+        yield broker.bootstrap_servers
+
+
+@pytest.fixture
+def topic_factory(kafka_bootstrap: str) -> Callable[..., str]:
+    """Creates a fresh topic with a unique name: topic_factory("frames", partitions=2)."""
+    from consumer.kafka_io import ensure_topics
+
+    def make(prefix: str, partitions: int = 1) -> str:
+        name = f"{prefix}-{uuid.uuid4().hex[:10]}"
+        ensure_topics(kafka_bootstrap, [name], partitions=partitions)
+        return name
+
+    return make

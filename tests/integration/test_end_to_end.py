@@ -1,0 +1,71 @@
+"""N frame events in -> exactly N results out, and the input committed to its end."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from schemas import EmotionResult, result_id_for
+from tests.integration.conftest import event_bytes
+from tests.support.kafka import committed, end_offsets, produce, read
+
+PARTITIONS = 3
+
+
+def test_every_event_gets_exactly_one_result(
+    kafka_bootstrap: str, topic_factory: Callable[..., str], start_worker: Callable[..., object],
+    face_paths: list[Path],
+) -> None:
+    frames = topic_factory("frames", PARTITIONS)
+    results_topic = topic_factory("emotions", PARTITIONS)
+    dead = topic_factory("dead", 1)
+    group = f"group-{frames}"
+    count = 60
+    values = [event_bytes(p, stream_id=f"cam-{i % 5}") for i, p in enumerate(face_paths[:count])]
+    coords = produce(kafka_bootstrap, frames, values)
+    sent = {coord: json.loads(value) for coord, (_, value) in zip(coords, values, strict=True)}
+
+    worker = start_worker(kafka__input_topic=frames, kafka__output_topic=results_topic,
+                          kafka__dead_letter_topic=dead, kafka__group_id=group)
+    records = read(kafka_bootstrap, results_topic, expected=count, timeout_s=120, idle_s=2.0)
+    assert worker.stop() == 0, worker.log_text()[-3000:]
+
+    assert len(records) == count  # exactly N: none missing, none duplicated
+    results = [EmotionResult.model_validate_json(r.value) for r in records]
+    seen = set()
+    for record, result in zip(records, results, strict=True):
+        coord = (result.source.partition, result.source.offset)
+        event = sent[coord]
+        assert result.source.topic == frames
+        assert result.event_id == event["event_id"]
+        assert result.stream_id == event["stream_id"] == record.key.decode()
+        assert result.result_id == result_id_for(result.source)
+        assert result.status == "ok" and len(result.faces) == 1
+        face = result.faces[0]
+        assert face.box.width == face.box.height == 48
+        assert abs(sum(face.scores.values()) - 1.0) < 1e-4
+        assert face.label == max(face.scores, key=lambda k: face.scores[k])
+        seen.add(coord)
+    assert seen == set(sent)
+    assert read(kafka_bootstrap, dead, expected=1, timeout_s=2) == []
+    ends = end_offsets(kafka_bootstrap, frames, PARTITIONS)
+    assert committed(kafka_bootstrap, group, frames, PARTITIONS) == ends
+    assert sum(ends.values()) == count
+
+
+def test_results_of_a_stream_keep_input_order(
+    kafka_bootstrap: str, topic_factory: Callable[..., str], start_worker: Callable[..., object],
+    face_paths: list[Path],
+) -> None:
+    frames = topic_factory("frames", 1)
+    results_topic = topic_factory("emotions", 1)
+    values = [event_bytes(p, stream_id="cam-ordered") for p in face_paths[:40]]
+    produce(kafka_bootstrap, frames, values)
+    worker = start_worker(kafka__input_topic=frames, kafka__output_topic=results_topic,
+                          kafka__dead_letter_topic=topic_factory("dead"),
+                          kafka__group_id=f"group-{frames}", fetch__threads="8")
+    records = read(kafka_bootstrap, results_topic, expected=40, timeout_s=120)
+    assert worker.stop() == 0
+    offsets = [EmotionResult.model_validate_json(r.value).source.offset for r in records]
+    assert offsets == sorted(offsets) == list(range(40))

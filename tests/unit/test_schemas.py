@@ -1,0 +1,83 @@
+"""The wire formats: exported JSON Schemas match the models; bad events name their field."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import ValidationError
+
+from schemas import EmotionResult, FrameEvent
+from schemas.export import MODELS, render, schema_path
+
+VALID = {
+    "event_id": "evt-1",
+    "stream_id": "cam-7",
+    "captured_at": "2026-11-28T12:00:00.250Z",
+    "image": "https://images.example/frames/1.jpg",
+    "faces": [{"x": 10, "y": 20, "width": 48, "height": 48}],
+}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_exported_schema_files_match_models(name: str) -> None:
+    on_disk = schema_path(name).read_text(encoding="utf-8")
+    assert on_disk == render(MODELS[name]), (
+        f"{schema_path(name).name} drifted from the model; run `python -m schemas.export`"
+    )
+
+
+def test_valid_event_round_trips() -> None:
+    event = FrameEvent.model_validate_json(json.dumps(VALID))
+    assert event.faces is not None and event.faces[0].width == 48
+    assert FrameEvent.model_validate_json(event.model_dump_json()) == event
+
+
+def test_faces_are_optional() -> None:
+    event = FrameEvent.model_validate_json(json.dumps({**VALID, "faces": None}))
+    assert event.faces is None
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "words"),
+    [
+        ({"event_id": 5}, "event_id", "valid string"),
+        ({"stream_id": ""}, "stream_id", "at least 1"),
+        ({"captured_at": "2026-11-28T12:00:00"}, "captured_at", "timezone"),
+        ({"captured_at": "yesterday"}, "captured_at", "datetime"),
+        ({"image": "ftp://host/x.jpg"}, "image", "file://, http://, https://"),
+        ({"image": "file://host/x.jpg"}, "image", "file:///absolute/path"),
+        ({"image": "/tmp/x.jpg"}, "image", "not supported"),
+        ({"faces": []}, "faces", "leave it out"),
+        ({"faces": [{"x": 1, "y": 1, "width": 0, "height": 5}]}, "faces.0.width", "greater"),
+        ({"faces": [{"x": "1", "y": 1, "width": 5, "height": 5}]}, "faces.0.x", "integer"),
+        ({"faces": [{"x": 1, "y": 1, "width": 5, "height": 5, "z": 1}]}, "faces.0.z", "Extra"),
+        ({"schema_version": 2}, "schema_version", "1"),
+        ({"colour": "red"}, "colour", "Extra inputs"),
+    ],
+)
+def test_invalid_event_names_the_field(change: dict[str, object], field: str, words: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        FrameEvent.model_validate_json(json.dumps({**VALID, **change}))
+    errors = info.value.errors()
+    locs = [".".join(str(p) for p in e["loc"]) for e in errors]
+    assert any(loc.startswith(field) for loc in locs), locs
+    assert words in str(info.value)
+
+
+def test_missing_required_field_is_named() -> None:
+    with pytest.raises(ValidationError) as info:
+        FrameEvent.model_validate_json(json.dumps({k: v for k, v in VALID.items()
+                                                   if k != "captured_at"}))
+    assert info.value.errors()[0]["loc"] == ("captured_at",)
+
+
+def test_too_many_faces_are_rejected() -> None:
+    boxes = [{"x": 0, "y": 0, "width": 1, "height": 1}] * 65
+    with pytest.raises(ValidationError, match="faces"):
+        FrameEvent.model_validate_json(json.dumps({**VALID, "faces": boxes}))
+
+
+def test_result_rejects_unknown_fields() -> None:
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        EmotionResult.model_validate({"surprise": 1})

@@ -1,0 +1,101 @@
+"""Per-event stages with plain values: parse, prepare, and encode results and dead letters."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from consumer.config import FetchSettings
+from consumer.errors import EventError
+from consumer.stages import encode_dead_letter, encode_result, parse_event, prepare_event
+from consumer.work import FailedEvent, InputRecord, PreparedEvent
+from schemas import DeadLetter, EmotionResult, FrameEvent, result_id_for
+
+
+def record(value: bytes, offset: int = 7) -> InputRecord:
+    return InputRecord("frames", 2, offset, b"cam", value, (("trace", b"\x01\x02"),), 1000)
+
+
+def event_json(**extra: object) -> bytes:
+    base = {"event_id": "e1", "stream_id": "cam", "captured_at": "2026-11-28T10:00:00Z",
+            "image": "file:///nowhere.png"}
+    return json.dumps({**base, **extra}).encode()
+
+
+@pytest.mark.parametrize(("value", "kind", "words"), [
+    (b"", "not_json", "not UTF-8 JSON"),
+    (b"\x00\xff", "not_json", "not UTF-8 JSON"),
+    (b"[1, 2]", "invalid_event", "field (root)"),
+    (event_json(stream_id=3), "invalid_event", "field stream_id"),
+    (b"x" * 2000, "event_too_large", "flow.max_event_bytes=1000"),
+])
+def test_parse_event_errors(value: bytes, kind: str, words: str) -> None:
+    with pytest.raises(EventError) as info:
+        parse_event(record(value), max_event_bytes=1000)
+    assert info.value.kind == kind
+    assert words in info.value.message
+
+
+def test_prepare_turns_fetch_errors_into_failed_events(tmp_path: Path) -> None:
+    event = FrameEvent.model_validate_json(event_json(image=(tmp_path / "x.png").as_uri()))
+    outcome = prepare_event(record(b"{}"), event, FetchSettings())
+    assert isinstance(outcome, FailedEvent)
+    assert outcome.kind == "image_not_found" and outcome.event_id == "e1"
+
+
+def test_prepare_crops_event_boxes(tmp_path: Path) -> None:
+    path = tmp_path / "frame.png"
+    Image.new("L", (120, 60)).save(path)
+    event = FrameEvent.model_validate_json(event_json(
+        image=path.as_uri(), faces=[{"x": 0, "y": 0, "width": 50, "height": 50},
+                                    {"x": 60, "y": 10, "width": 40, "height": 40}]))
+    outcome = prepare_event(record(b"{}"), event, FetchSettings())
+    assert isinstance(outcome, PreparedEvent)
+    assert [c.size for c in outcome.crops] == [(50, 50), (40, 40)]
+    assert all(c.mode == "RGB" for c in outcome.crops)
+
+
+@dataclass
+class Scores:
+    label: str
+    confidence: float
+    scores: dict[str, float]
+
+
+def test_encode_result_points_back_at_its_source(tmp_path: Path) -> None:
+    path = tmp_path / "f.png"
+    Image.new("L", (48, 48)).save(path)
+    event = FrameEvent.model_validate_json(event_json(image=path.as_uri()))
+    prepared = prepare_event(record(b"{}"), event, FetchSettings())
+    assert isinstance(prepared, PreparedEvent)
+    outcome = encode_result(prepared, [Scores("sad", 0.6, {"sad": 0.6, "happy": 0.4})],
+                            "tiny", "emotions")
+    result = EmotionResult.model_validate_json(outcome.value)
+    assert (result.source.topic, result.source.partition, result.source.offset) == (
+        "frames", 2, 7)
+    assert result.result_id == result_id_for(result.source)
+    assert result.faces[0].label == "sad" and result.status == "ok"
+    assert outcome.key == b"cam" and outcome.topic == "emotions"
+
+
+def test_result_ids_are_deterministic_and_distinct() -> None:
+    a = record(b"", 1).source
+    assert result_id_for(a) == result_id_for(record(b"", 1).source)
+    assert result_id_for(a) != result_id_for(record(b"", 2).source)
+
+
+def test_dead_letter_keeps_original_bytes_and_headers() -> None:
+    original = b"\xff\x00 not json"
+    failed = FailedEvent(record(original), "not_json", "event is not UTF-8 JSON", 1)
+    outcome = encode_dead_letter(failed, "frames.dlq")
+    letter = DeadLetter.model_validate_json(outcome.value)
+    assert letter.value == original
+    assert letter.key == b"cam"
+    assert [(h.key, h.value) for h in letter.headers] == [("trace", b"\x01\x02")]
+    assert letter.error_kind == "not_json" and letter.attempts == 1
+    assert letter.source.offset == 7
+    assert outcome.topic == "frames.dlq" and outcome.is_dead_letter
