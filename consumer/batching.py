@@ -68,7 +68,9 @@ class MicroBatcher:
         """The head item if its fetch finishes within wait_s; it stays the head until used."""
         if self._head is None:
             try:
-                self._head = self._queue.get(timeout=wait_s) if wait_s > 0 else self._queue.get_nowait()
+                self._head = (
+                    self._queue.get(timeout=wait_s) if wait_s > 0 else self._queue.get_nowait()
+                )
             except queue.Empty:
                 return None
         try:

@@ -59,14 +59,19 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-topic", dest="input_topic")
     parser.add_argument("--output-topic", dest="output_topic")
     parser.add_argument("--dead-letter-topic", dest="dead_letter_topic")
-    parser.add_argument("--model-path", dest="model_path", type=Path,
-                        help="local LLaVA checkpoint folder (Hugging Face layout)")
+    parser.add_argument(
+        "--model-path",
+        dest="model_path",
+        type=Path,
+        help="local LLaVA checkpoint folder (Hugging Face layout)",
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--max-batch-size", dest="max_batch_size", type=int)
     parser.add_argument("--max-wait-ms", dest="max_wait_ms", type=float)
     parser.add_argument("--log-format", dest="log_format", choices=["auto", "json", "console"])
-    parser.add_argument("--log-level", dest="log_level",
-                        choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-level", dest="log_level", choices=["debug", "info", "warning", "error"]
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -80,19 +85,34 @@ def build_parser() -> argparse.ArgumentParser:
     produce.add_argument("folder", type=Path)
     produce.add_argument("--bootstrap-servers", required=True)
     produce.add_argument("--topic", default="frames")
-    produce.add_argument("--stream-id", default=None,
-                         help="stream id of every event (default: the image's folder name)")
+    produce.add_argument(
+        "--stream-id",
+        default=None,
+        help="stream id of every event (default: the image's folder name)",
+    )
     produce.add_argument("--limit", type=int, default=None, help="at most this many images")
-    produce.add_argument("--create-topic", type=int, metavar="PARTITIONS", default=None,
-                         help="create the topic with this many partitions if it is missing")
+    produce.add_argument(
+        "--create-topic",
+        type=int,
+        metavar="PARTITIONS",
+        default=None,
+        help="create the topic with this many partitions if it is missing",
+    )
 
     demo = sub.add_parser("demo", help="local broker + tiny model + FER faces, end to end")
-    demo.add_argument("--data", type=Path, default=None,
-                      help="labelled face folder (default: ../shared/data/fer2013/train)")
+    demo.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="labelled face folder (default: ../shared/data/fer2013/train)",
+    )
     demo.add_argument("--events", type=int, default=300)
     demo.add_argument("--model-path", type=Path, default=None)
-    demo.add_argument("--bootstrap-servers", default=None,
-                      help="use this cluster instead of starting a local broker")
+    demo.add_argument(
+        "--bootstrap-servers",
+        default=None,
+        help="use this cluster instead of starting a local broker",
+    )
 
     tiny = sub.add_parser("make-tiny-model", help="write a small random LLaVA checkpoint")
     tiny.add_argument("path", type=Path)
@@ -136,8 +156,9 @@ def cmd_produce(args: argparse.Namespace) -> int:
 
     if args.create_topic:
         ensure_topics(args.bootstrap_servers, [args.topic], partitions=args.create_topic)
-    count = publish_folder(args.folder, args.bootstrap_servers, args.topic,
-                           stream_id=args.stream_id, limit=args.limit)
+    count = publish_folder(
+        args.folder, args.bootstrap_servers, args.topic, stream_id=args.stream_id, limit=args.limit
+    )
     print(f"published {count} frame events to {args.topic}")
     return 0
 
@@ -145,8 +166,12 @@ def cmd_produce(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from consumer.demo import run_demo
 
-    return run_demo(data=args.data, events=args.events, model_path=args.model_path,
-                    bootstrap_servers=args.bootstrap_servers)
+    return run_demo(
+        data=args.data,
+        events=args.events,
+        model_path=args.model_path,
+        bootstrap_servers=args.bootstrap_servers,
+    )
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
@@ -159,9 +184,16 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a hub at run time
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # Progress bars are noise in JSON logs (and the demo prints its own lines).
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
     args = build_parser().parse_args(argv)
-    commands = {"run": cmd_run, "produce": cmd_produce, "demo": cmd_demo,
-                "make-tiny-model": cmd_make_tiny_model}
+    commands = {
+        "run": cmd_run,
+        "produce": cmd_produce,
+        "demo": cmd_demo,
+        "make-tiny-model": cmd_make_tiny_model,
+    }
     try:
         return commands[args.command](args)
     except ConfigError as exc:

@@ -26,8 +26,7 @@ FER_LABELS: tuple[str, ...] = (
 
 # LLaVA-1.5's conversation format; `{labels}` is filled with the configured answer words.
 DEFAULT_PROMPT = (
-    "USER: <image>\nWhich emotion does this face show? "
-    "Answer with one word: {labels}. ASSISTANT:"
+    "USER: <image>\nWhich emotion does this face show? Answer with one word: {labels}. ASSISTANT:"
 )
 
 

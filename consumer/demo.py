@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
 import uuid
@@ -13,7 +14,7 @@ from confluent_kafka import Consumer, Producer
 
 from consumer.config import LogSettings, load_settings
 from consumer.event_source import frame_events
-from consumer.kafka_io import ensure_topics
+from consumer.kafka_io import CLIENT_LOGGER, ensure_topics
 from consumer.logs import configure_logging
 from schemas import DeadLetter, EmotionResult
 
@@ -36,7 +37,9 @@ def _broker(bootstrap_servers: str | None) -> Iterator[str]:
 
 def _publish(bootstrap: str, topic: str, data: Path, events: int) -> dict[str, str]:
     """Publish the events; returns event id -> true label (the image's folder name)."""
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "enable.idempotence": True, "logger": CLIENT_LOGGER}
+    )
     truth: dict[str, str] = {}
     for path, event in frame_events(data, limit=events):
         truth[event.event_id] = path.parent.name
@@ -44,13 +47,21 @@ def _publish(bootstrap: str, topic: str, data: Path, events: int) -> dict[str, s
         producer.poll(0)
     if producer.flush(30):
         raise RuntimeError("the demo's frame events were not all delivered")
+    producer.close()
     return truth
 
 
-def _collect(bootstrap: str, topics: list[str], expected: int,
-             timeout_s: float) -> tuple[list[EmotionResult], list[DeadLetter]]:
-    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"demo-reader-{uuid.uuid4()}",
-                       "auto.offset.reset": "earliest", "isolation.level": "read_committed"})
+def _collect(
+    bootstrap: str, topics: list[str], expected: int, timeout_s: float
+) -> tuple[list[EmotionResult], list[DeadLetter]]:
+    reader = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"demo-reader-{uuid.uuid4()}",
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+        }
+    )
     reader.subscribe(topics)
     results: list[EmotionResult] = []
     letters: list[DeadLetter] = []
@@ -58,76 +69,107 @@ def _collect(bootstrap: str, topics: list[str], expected: int,
     try:
         while len(results) + len(letters) < expected and time.monotonic() < deadline:
             for msg in reader.consume(500, timeout=0.5):
-                if msg.error():
+                if msg.error() or msg.value() is None:
                     continue
                 if msg.topic() == topics[0]:
-                    results.append(EmotionResult.model_validate_json(msg.value()))
+                    results.append(EmotionResult.model_validate_json(msg.value() or b""))
                 else:
-                    letters.append(DeadLetter.model_validate_json(msg.value()))
+                    letters.append(DeadLetter.model_validate_json(msg.value() or b""))
     finally:
         reader.close()
     return results, letters
 
 
-def _print_report(results: list[EmotionResult], letters: list[DeadLetter],
-                  truth: dict[str, str], elapsed: float, sent: int) -> None:
-    print(f"\n{'offset':>6}  {'stream':<10} {'true':<10} {'predicted':<10} {'conf':>5}")
-    for result in sorted(results, key=lambda r: r.source.offset)[:12]:
+def _print_report(
+    results: list[EmotionResult],
+    letters: list[DeadLetter],
+    truth: dict[str, str],
+    elapsed: float,
+    sent: int,
+) -> None:
+    print(f"\n{'partition':>9} {'offset':>6}  {'true':<10} {'predicted':<10} {'conf':>5}  scores")
+    shown = sorted(results, key=lambda r: (r.source.offset, r.source.partition))[:12]
+    for result in shown:
         face = result.faces[0]
-        print(f"{result.source.offset:>6}  {result.stream_id:<10} "
-              f"{truth.get(result.event_id, '?'):<10} {face.label:<10} {face.confidence:>5.2f}")
+        top = sorted(face.scores.items(), key=lambda kv: -kv[1])[:3]
+        print(
+            f"{result.source.partition:>9} {result.source.offset:>6}  "
+            f"{truth.get(result.event_id, '?'):<10} {face.label:<10} {face.confidence:>5.2f}  "
+            + " ".join(f"{label}={score:.2f}" for label, score in top)
+        )
     faces = [(r.event_id, f.label) for r in results for f in r.faces]
     correct = sum(1 for event_id, label in faces if truth.get(event_id) == label)
     unique = len({(r.source.partition, r.source.offset) for r in results})
     share = 100.0 * correct / max(1, len(faces))
-    print(f"\ncorrect labels: {correct}/{len(faces)} faces ({share:.1f}%; chance is 14%, "
-          "and the demo's default tiny model is randomly initialised)")
-    print(f"summary: events={sent} results={len(results)} (unique {unique}) "
-          f"dead_letters={len(letters)} elapsed={elapsed:.1f}s "
-          f"events/s={(len(results) + len(letters)) / max(elapsed, 1e-9):.1f}")
+    print(
+        f"\ncorrect labels: {correct}/{len(faces)} faces ({share:.1f}%; chance is 14%, "
+        "and the demo's default tiny model is randomly initialised)"
+    )
+    print(
+        f"summary: events={sent} results={len(results)} (unique {unique}) "
+        f"dead_letters={len(letters)} elapsed={elapsed:.1f}s "
+        f"events/s={(len(results) + len(letters)) / max(elapsed, 1e-9):.1f}"
+    )
 
 
-def run_demo(data: Path | None = None, events: int = 300, model_path: Path | None = None,
-             bootstrap_servers: str | None = None, timeout_s: float = 240.0) -> int:
+def run_demo(
+    data: Path | None = None,
+    events: int = 300,
+    model_path: Path | None = None,
+    bootstrap_servers: str | None = None,
+    timeout_s: float = 240.0,
+) -> int:
     """Run the whole path once; returns 0 when every event got a result or dead letter."""
     from consumer.engine import EmotionEngine, make_tiny_checkpoint
     from consumer.pipeline import Worker
 
     data = data or DEFAULT_DATA
     if not data.is_dir():
-        print(f"error: face folder {data} does not exist; pass --data FOLDER "
-              "(one subfolder per emotion, like FER-2013's train folder)")
+        print(
+            f"error: face folder {data} does not exist; pass --data FOLDER "
+            "(one subfolder per emotion, like FER-2013's train folder)"
+        )
         return 2
     model = model_path or DEFAULT_MODEL
     if not (model / "config.json").exists():
         print(f"writing a tiny random LLaVA checkpoint to {model} ...", flush=True)
         make_tiny_checkpoint(model)
     configure_logging(LogSettings(format="console", level="warning"))
+    # A fresh broker answers "coordinator load in progress" for a moment; not worth showing.
+    logging.getLogger("librdkafka").setLevel(logging.ERROR)
     run_id = uuid.uuid4().hex[:8]
-    topics = {"input_topic": f"demo-frames-{run_id}", "output_topic": f"demo-emotions-{run_id}",
-              "dead_letter_topic": f"demo-dead-letters-{run_id}"}
+    topics = {
+        "input_topic": f"demo-frames-{run_id}",
+        "output_topic": f"demo-emotions-{run_id}",
+        "dead_letter_topic": f"demo-dead-letters-{run_id}",
+    }
     with _broker(bootstrap_servers) as bootstrap:
         ensure_topics(bootstrap, topics.values(), partitions=2)
-        settings = load_settings(overrides={
-            "kafka": {"bootstrap_servers": bootstrap, "group_id": f"demo-{run_id}", **topics},
-            "model": {"path": str(model)},
-        })
+        settings = load_settings(
+            overrides={
+                "kafka": {"bootstrap_servers": bootstrap, "group_id": f"demo-{run_id}", **topics},
+                "model": {"path": str(model)},
+            }
+        )
         engine = EmotionEngine.load(settings.model, max_batch_size=settings.batch.max_batch_size)
         engine.warm_up()
         truth = _publish(bootstrap, topics["input_topic"], data, events)
-        print(f"published {len(truth)} frame events from {data}; running the worker ...",
-              flush=True)
+        print(
+            f"published {len(truth)} frame events from {data}; running the worker ...", flush=True
+        )
         worker = Worker(settings, engine)
         exit_codes: list[int] = []
         thread = threading.Thread(target=lambda: exit_codes.append(worker.run()), name="worker")
         started = time.monotonic()
         thread.start()
-        results, letters = _collect(bootstrap, [topics["output_topic"],
-                                                topics["dead_letter_topic"]], len(truth), timeout_s)
+        results, letters = _collect(
+            bootstrap, [topics["output_topic"], topics["dead_letter_topic"]], len(truth), timeout_s
+        )
         elapsed = time.monotonic() - started
         worker.request_stop()
         thread.join()
     _print_report(results, letters, truth, elapsed, len(truth))
     complete = len({(r.source.partition, r.source.offset) for r in results}) + len(letters) >= len(
-        truth)
+        truth
+    )
     return 0 if complete and exit_codes == [0] else 1

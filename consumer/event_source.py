@@ -46,17 +46,24 @@ def frame_event(path: Path, stream_id: str | None = None) -> FrameEvent:
     )
 
 
-def frame_events(folder: Path, stream_id: str | None = None,
-                 limit: int | None = None) -> Iterator[tuple[Path, FrameEvent]]:
+def frame_events(
+    folder: Path, stream_id: str | None = None, limit: int | None = None
+) -> Iterator[tuple[Path, FrameEvent]]:
     for path in image_files(folder, limit):
         yield path, frame_event(path, stream_id)
 
 
-def publish_folder(folder: Path, bootstrap_servers: str, topic: str,
-                   stream_id: str | None = None, limit: int | None = None) -> int:
+def publish_folder(
+    folder: Path,
+    bootstrap_servers: str,
+    topic: str,
+    stream_id: str | None = None,
+    limit: int | None = None,
+) -> int:
     """Publish one event per image, keyed by stream id; returns how many were acknowledged."""
-    producer = Producer({"bootstrap.servers": bootstrap_servers, "enable.idempotence": True,
-                         "linger.ms": 10})
+    producer = Producer(
+        {"bootstrap.servers": bootstrap_servers, "enable.idempotence": True, "linger.ms": 10}
+    )
     failures: list[str] = []
 
     def delivered(error: KafkaError | None, _msg: Message) -> None:
@@ -65,12 +72,17 @@ def publish_folder(folder: Path, bootstrap_servers: str, topic: str,
 
     count = 0
     for _path, event in frame_events(folder, stream_id, limit):
-        producer.produce(topic, key=event.stream_id.encode(),
-                         value=event.model_dump_json().encode(), on_delivery=delivered)
+        producer.produce(
+            topic,
+            key=event.stream_id.encode(),
+            value=event.model_dump_json().encode(),
+            on_delivery=delivered,
+        )
         producer.poll(0)
         count += 1
     remaining = producer.flush(30)
     if remaining or failures:
-        raise RuntimeError(f"{remaining + len(failures)} of {count} events were not delivered: "
-                           f"{failures[:3]}")
+        raise RuntimeError(
+            f"{remaining + len(failures)} of {count} events were not delivered: {failures[:3]}"
+        )
     return count

@@ -73,7 +73,9 @@ def _read_http(uri: str, settings: FetchSettings) -> bytes:
                     raise EventError("image_too_large", f"{uri} is over {settings.max_bytes} bytes")
                 if time.monotonic() > deadline:
                     raise EventError(
-                        "image_fetch_failed", f"{uri} took over {settings.timeout_s}s", retriable=True
+                        "image_fetch_failed",
+                        f"{uri} took over {settings.timeout_s}s",
+                        retriable=True,
                     )
                 chunks.append(chunk)
             return b"".join(chunks)
@@ -97,19 +99,25 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             # Pillow only warns between 1x and 2x its limit; a bomb must be an error here.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            width, height = image.size
+            opened = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+            width, height = opened.size
             if width * height > max_pixels:
                 raise EventError(
                     "image_too_large",
                     f"image is {width}x{height}, over fetch.max_pixels={max_pixels}",
                 )
-            image.load()
-            image = ImageOps.exif_transpose(image)
+            opened.load()
+            image = ImageOps.exif_transpose(opened)
     except EventError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning,
-            OSError, SyntaxError, ValueError) as exc:
+    except (
+        UnidentifiedImageError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+        OSError,
+        SyntaxError,
+        ValueError,
+    ) as exc:
         raise EventError("image_undecodable", f"image cannot be decoded: {exc}") from exc
     return to_rgb(image)
 

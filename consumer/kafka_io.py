@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from consumer.config import ConfigError, KafkaSettings
 from consumer.work import InputRecord
@@ -20,6 +21,10 @@ _PRODUCER_FIXED = {
     "enable.idempotence": True,  # no duplicates or reordering from producer retries
     "acks": "all",
 }
+
+
+# librdkafka's own log lines go through the worker's logging instead of raw stderr.
+CLIENT_LOGGER = logging.getLogger("librdkafka")
 
 
 class KafkaConfigError(ConfigError):
@@ -45,6 +50,7 @@ def consumer_config(settings: KafkaSettings) -> dict[str, Any]:
         "auto.offset.reset": "earliest",
         # Incremental rebalances: a scale-up does not stop every worker's partitions.
         "partition.assignment.strategy": "cooperative-sticky",
+        "logger": CLIENT_LOGGER,
         **overrides,
         **_CONSUMER_FIXED,
     }
@@ -58,6 +64,7 @@ def producer_config(settings: KafkaSettings) -> dict[str, Any]:
         "bootstrap.servers": settings.bootstrap_servers,
         "linger.ms": 5,
         "compression.type": "lz4",
+        "logger": CLIENT_LOGGER,
         **overrides,
         **_PRODUCER_FIXED,
     }
@@ -65,12 +72,17 @@ def producer_config(settings: KafkaSettings) -> dict[str, Any]:
 
 def to_record(message: Message) -> InputRecord:
     """Copy what the pipeline needs out of a consumed message."""
-    headers = tuple((k, v) for k, v in (message.headers() or []))
+    raw_headers = message.headers() or []
+    pairs = raw_headers.items() if isinstance(raw_headers, dict) else raw_headers
+    headers = tuple((k, v.encode() if isinstance(v, str) else v) for k, v in pairs)
     timestamp_type, timestamp = message.timestamp()
+    topic, partition, offset = message.topic(), message.partition(), message.offset()
+    if topic is None or partition is None or offset is None:
+        raise ValueError("a consumed message without topic, partition or offset")
     return InputRecord(
-        topic=message.topic(),
-        partition=message.partition(),
-        offset=message.offset(),
+        topic=topic,
+        partition=partition,
+        offset=offset,
         key=message.key(),
         value=message.value() or b"",
         headers=headers,

@@ -1,4 +1,8 @@
-"""structlog set-up: JSON lines in production, readable lines in a terminal."""
+"""structlog set-up: JSON lines in production, readable lines in a terminal.
+
+Library loggers (librdkafka through confluent-kafka, transformers) go through the same
+renderer, so a production log stream is all JSON.
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,16 @@ import structlog
 
 from consumer.config import LogSettings
 
-_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
-           "error": logging.ERROR}
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
 
 
 def configure_logging(settings: LogSettings, stream: Any = None) -> None:
-    """Route structlog (and the stdlib loggers of libraries) to one formatter on stderr."""
+    """Route structlog and the stdlib loggers of libraries to one renderer on stderr."""
     stream = stream or sys.stderr
     use_json = settings.format == "json" or (settings.format == "auto" and not stream.isatty())
     renderer: Any = (
@@ -23,12 +31,15 @@ def configure_logging(settings: LogSettings, stream: Any = None) -> None:
         if use_json
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
+    shared: list[Any] = [
+        # Bound per event in the pipeline: event_id, partition, offset.
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
     structlog.configure(
         processors=[
-            # Bound per event in the pipeline: event_id, partition, offset.
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            *shared,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             renderer,
@@ -37,7 +48,17 @@ def configure_logging(settings: LogSettings, stream: Any = None) -> None:
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(level=max(_LEVELS[settings.level], logging.WARNING), stream=stream)
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    # Libraries are chatty at info; their warnings and errors are what an operator needs.
+    root.setLevel(max(_LEVELS[settings.level], logging.WARNING))
 
 
 def get_logger(name: str) -> Any:

@@ -105,10 +105,17 @@ class Worker:
 
     def run(self) -> int:
         kafka = self.settings.kafka
-        log.info("worker starting", input_topic=kafka.input_topic, group_id=kafka.group_id,
-                 output_topic=kafka.output_topic, model_id=self.engine.model_id)
+        log.info(
+            "worker starting",
+            input_topic=kafka.input_topic,
+            group_id=kafka.group_id,
+            output_topic=kafka.output_topic,
+            model_id=self.engine.model_id,
+        )
         self._consumer.subscribe(
-            [kafka.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke,
+            [kafka.input_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
         self._engine_thread.start()
@@ -143,9 +150,12 @@ class Worker:
         try:
             event = parse_event(record, self.settings.flow.max_event_bytes)
         except EventError as exc:
-            self._publish(encode_dead_letter(
-                FailedEvent(record, exc.kind, exc.message), self.settings.kafka.dead_letter_topic
-            ))
+            self._publish(
+                encode_dead_letter(
+                    FailedEvent(record, exc.kind, exc.message),
+                    self.settings.kafka.dead_letter_topic,
+                )
+            )
             return
         future = self._pool.submit(prepare_event, record, event, self.settings.fetch)
         self.batcher.put(future)
@@ -192,20 +202,36 @@ class Worker:
             log.exception("model failed on a batch", faces=len(crops))
             scores = []
             batch = [
-                FailedEvent(i.record, "model_error", f"{type(exc).__name__}: {exc}",
-                            i.fetch_attempts, i.event.event_id)
-                if isinstance(i, PreparedEvent) else i
+                FailedEvent(
+                    i.record,
+                    "model_error",
+                    f"{type(exc).__name__}: {exc}",
+                    i.fetch_attempts,
+                    i.event.event_id,
+                )
+                if isinstance(i, PreparedEvent)
+                else i
                 for i in batch
             ]
-        log.debug("batch classified", events=len(batch), faces=len(crops),
-                  model_ms=round((time.perf_counter() - started) * 1000, 2))
+        log.debug(
+            "batch classified",
+            events=len(batch),
+            faces=len(crops),
+            model_ms=round((time.perf_counter() - started) * 1000, 2),
+        )
         self.stats.add(batches=1, faces=len(crops))
         outcomes, cursor = [], 0
         for item in batch:
             if isinstance(item, PreparedEvent):
                 count = len(item.crops)
-                outcomes.append(encode_result(item, scores[cursor : cursor + count],
-                                              self.engine.model_id, kafka.output_topic))
+                outcomes.append(
+                    encode_result(
+                        item,
+                        scores[cursor : cursor + count],
+                        self.engine.model_id,
+                        kafka.output_topic,
+                    )
+                )
                 cursor += count
             else:
                 outcomes.append(encode_dead_letter(item, kafka.dead_letter_topic))
@@ -216,8 +242,13 @@ class Worker:
     def _publish(self, outcome: Outcome) -> None:
         record = outcome.record
         if outcome.is_dead_letter:
-            log.warning("dead letter", topic=record.topic, partition=record.partition,
-                        offset=record.offset, reason=dict(outcome.headers).get("error_kind"))
+            log.warning(
+                "dead letter",
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+                reason=dict(outcome.headers).get("error_kind"),
+            )
 
         def delivered(error: KafkaError | None, _message: Message) -> None:
             self._on_delivery(record, outcome.is_dead_letter, error)
@@ -225,8 +256,11 @@ class Worker:
         while True:
             try:
                 self._producer.produce(
-                    outcome.topic, value=outcome.value, key=outcome.key,
-                    headers=outcome.headers, on_delivery=delivered,
+                    outcome.topic,
+                    value=outcome.value,
+                    key=outcome.key,
+                    headers=outcome.headers,
+                    on_delivery=delivered,
                 )
                 return
             except BufferError:
@@ -236,8 +270,10 @@ class Worker:
         if error is not None:
             # Never commit past an unacknowledged result: stop, and let the events be
             # redelivered to whoever owns the partition next.
-            self._fail(f"result for {record.topic}[{record.partition}]@{record.offset} "
-                       f"was not delivered: {error}")
+            self._fail(
+                f"result for {record.topic}[{record.partition}]@{record.offset} "
+                f"was not delivered: {error}"
+            )
             return
         self.stats.add(dead_letters=1) if dead else self.stats.add(results=1)
         self.tracker.mark_done(record.topic_partition, record.offset)
@@ -304,8 +340,14 @@ class Worker:
         if self._fatal is None:
             self._maybe_commit(force=True)
         self._consumer.close()
+        self._producer.close()
         left = self.tracker.in_flight()
-        log.info("worker stopped", consumed=self.stats.consumed, results=self.stats.results,
-                 dead_letters=self.stats.dead_letters, unfinished=left, failure=self._fatal)
+        log.info(
+            "worker stopped",
+            consumed=self.stats.consumed,
+            results=self.stats.results,
+            dead_letters=self.stats.dead_letters,
+            unfinished=left,
+            failure=self._fatal,
+        )
         return 1 if self._fatal is not None else 0
-

@@ -7,6 +7,7 @@ import os
 import socket
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from typing import Protocol
 
 from pydantic import ValidationError
 
@@ -21,12 +22,15 @@ from schemas.results import ResultStatus
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
 
 
-class ScoredFace:
-    """Structural type of what the engine returns per face (see consumer.engine.FaceScores)."""
+class ScoredFace(Protocol):
+    """What the engine returns per face (consumer.engine.FaceScores has this shape)."""
 
-    label: str
-    confidence: float
-    scores: dict[str, float]
+    @property
+    def label(self) -> str: ...
+    @property
+    def confidence(self) -> float: ...
+    @property
+    def scores(self) -> dict[str, float]: ...
 
 
 def parse_event(record: InputRecord, max_event_bytes: int) -> FrameEvent:

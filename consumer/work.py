@@ -61,4 +61,4 @@ class Outcome:
     key: bytes | None
     value: bytes
     is_dead_letter: bool
-    headers: list[tuple[str, bytes]] = field(default_factory=list)
+    headers: list[tuple[str, str | bytes | None]] = field(default_factory=list)

@@ -41,7 +41,7 @@ class FrameEvent(_Strict):
     """One frame or photo to classify."""
 
     schema_version: Literal[1] = Field(
-        default=SCHEMA_VERSION, description="Version of this schema; only 1 exists."
+        default=1, description="Version of this schema; only 1 exists."
     )
     event_id: Identifier = Field(description="Unique id of this event, chosen upstream.")
     stream_id: Identifier = Field(

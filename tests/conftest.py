@@ -51,7 +51,7 @@ def kafka_bootstrap() -> Iterator[str]:
         yield named
         return
     if _docker_engine_answers():
-        from testcontainers.kafka import KafkaContainer
+        from testcontainers.community.kafka import KafkaContainer
 
         with KafkaContainer().with_kraft() as container:
             yield container.get_bootstrap_server()

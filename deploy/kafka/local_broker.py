@@ -63,15 +63,25 @@ def ensure_kafka_libs(cache_dir: Path | None = None) -> Path:
         return libs
     mvn = _require("mvn", "install Maven (apt-get install maven) or start your own broker")
     _require("java", "install a JDK 17+ (apt-get install openjdk-17-jre-headless)")
-    staging = Path(tempfile.mkdtemp(prefix="libs-", dir=libs.parent if libs.parent.exists() else None))
+    staging = Path(
+        tempfile.mkdtemp(prefix="libs-", dir=libs.parent if libs.parent.exists() else None)
+    )
     cmd = [
-        mvn, "-q", "-B", "-f", str(POM), "dependency:copy-dependencies",
-        f"-DoutputDirectory={staging}", "-DincludeScope=runtime",
+        mvn,
+        "-q",
+        "-B",
+        "-f",
+        str(POM),
+        "dependency:copy-dependencies",
+        f"-DoutputDirectory={staging}",
+        "-DincludeScope=runtime",
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         shutil.rmtree(staging, ignore_errors=True)
-        raise BrokerError(f"Maven could not fetch Kafka {kafka_version()}:\n{proc.stdout}{proc.stderr}")
+        raise BrokerError(
+            f"Maven could not fetch Kafka {kafka_version()}:\n{proc.stdout}{proc.stderr}"
+        )
     (staging / ".complete").write_text(kafka_version(), encoding="utf-8")
     libs.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -147,9 +157,15 @@ class LocalKafkaBroker:
     def _java(self, libs: Path, main: str, *args: str) -> list[str]:
         return [
             _require("java", "install a JDK 17+"),
-            f"-Xmx{self.heap}", "-Xss1m", "-XX:+UseSerialGC", "-Djava.awt.headless=true",
+            f"-Xmx{self.heap}",
+            "-Xss1m",
+            "-XX:+UseSerialGC",
+            "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={LOG4J_CONFIG}",
-            "-cp", str(libs / "*"), main, *args,
+            "-cp",
+            str(libs / "*"),
+            main,
+            *args,
         ]
 
     def start(self, timeout_s: float = 90.0) -> str:
@@ -161,9 +177,12 @@ class LocalKafkaBroker:
         if not (self.data_dir / "log" / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             fmt = subprocess.run(
-                self._java(libs, "kafka.tools.StorageTool", "format", "-t", cluster_id,
-                           "-c", str(props)),
-                capture_output=True, text=True, check=False,
+                self._java(
+                    libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)
+                ),
+                capture_output=True,
+                text=True,
+                check=False,
             )
             if fmt.returncode != 0:
                 raise BrokerError(f"formatting {self.data_dir} failed:\n{fmt.stdout}{fmt.stderr}")
@@ -172,7 +191,9 @@ class LocalKafkaBroker:
         # worker has committed; stop() ends it deliberately.
         self._proc = subprocess.Popen(
             self._java(libs, "kafka.Kafka", str(props)),
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         log.close()
         self._wait_ready(timeout_s)
@@ -183,7 +204,9 @@ class LocalKafkaBroker:
         while time.monotonic() < deadline:
             assert self._proc is not None
             if self._proc.poll() is not None:
-                raise BrokerError(f"broker exited with {self._proc.returncode}:\n{self._log_tail()}")
+                raise BrokerError(
+                    f"broker exited with {self._proc.returncode}:\n{self._log_tail()}"
+                )
             if READY_LINE in self.log_path.read_text(errors="replace") and self._port_open():
                 return
             time.sleep(0.2)

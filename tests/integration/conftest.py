@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,8 +24,8 @@ def face_paths() -> list[Path]:
 
 def event_bytes(path: Path, stream_id: str = "cam-1", **fields: object) -> tuple[bytes, bytes]:
     """(key, value) of a frame event for a local image."""
-    event = frame_event(path, stream_id).model_copy(update=fields)
-    return stream_id.encode(), event.model_dump_json().encode()
+    event = json.loads(frame_event(path, stream_id).model_dump_json())
+    return stream_id.encode(), json.dumps({**event, **fields}).encode()
 
 
 @pytest.fixture

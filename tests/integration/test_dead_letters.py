@@ -13,8 +13,11 @@ from tests.support.kafka import committed, end_offsets, produce, read
 
 
 def test_malformed_events_become_dead_letters(
-    kafka_bootstrap: str, topic_factory: Callable[..., str], start_worker: Callable[..., object],
-    face_paths: list[Path], junk_files: dict[str, Path],
+    kafka_bootstrap: str,
+    topic_factory: Callable[..., str],
+    start_worker: Callable[..., object],
+    face_paths: list[Path],
+    junk_files: dict[str, Path],
 ) -> None:
     frames = topic_factory("frames", 1)
     out = topic_factory("emotions", 1)
@@ -28,24 +31,46 @@ def test_malformed_events_become_dead_letters(
         bad: list[tuple[bytes, str, str]] = [
             (b"{not json", "not_json", "not UTF-8 JSON"),
             (b"\xff\xfe\x00binary", "not_json", "not UTF-8 JSON"),
-            (json.dumps({k: v for k, v in valid_json.items() if k != "stream_id"}).encode(),
-             "invalid_event", "stream_id"),
-            (json.dumps({**valid_json, "captured_at": 12}).encode(), "invalid_event",
-             "captured_at"),
+            (
+                json.dumps({k: v for k, v in valid_json.items() if k != "stream_id"}).encode(),
+                "invalid_event",
+                "stream_id",
+            ),
+            (
+                json.dumps({**valid_json, "captured_at": 12}).encode(),
+                "invalid_event",
+                "captured_at",
+            ),
             (json.dumps({**valid_json, "colour": "red"}).encode(), "invalid_event", "colour"),
-            (json.dumps({**valid_json, "image": "ftp://host/x.png"}).encode(),
-             "invalid_event", "image"),
-            (json.dumps({**valid_json, "event_id": "x" * 70_000}).encode(),
-             "event_too_large", "max_event_bytes"),
-            (event_bytes(junk_files["face"], image="file:///no/such/face.png")[1],
-             "image_not_found", "/no/such/face.png"),
+            (
+                json.dumps({**valid_json, "image": "ftp://host/x.png"}).encode(),
+                "invalid_event",
+                "image",
+            ),
+            (
+                json.dumps({**valid_json, "event_id": "x" * 70_000}).encode(),
+                "event_too_large",
+                "max_event_bytes",
+            ),
+            (
+                event_bytes(junk_files["face"], image="file:///no/such/face.png")[1],
+                "image_not_found",
+                "/no/such/face.png",
+            ),
             (event_bytes(junk_files["garbage"])[1], "image_undecodable", "cannot be decoded"),
             (event_bytes(junk_files["text"])[1], "image_undecodable", "cannot be decoded"),
-            (event_bytes(junk_files["face"], image=f"{server.url}/missing.png")[1],
-             "image_not_found", "404"),
-            (event_bytes(junk_files["face"], faces=[{"x": 60, "y": 0, "width": 5,
-                                                      "height": 5}])[1],
-             "bad_face_box", "faces[0]"),
+            (
+                event_bytes(junk_files["face"], image=f"{server.url}/missing.png")[1],
+                "image_not_found",
+                "404",
+            ),
+            (
+                event_bytes(junk_files["face"], faces=[{"x": 60, "y": 0, "width": 5, "height": 5}])[
+                    1
+                ],
+                "bad_face_box",
+                "faces[0]",
+            ),
         ]
         # Interleave: a bad event after every good one, all in one partition.
         values: list[tuple[bytes | None, bytes]] = []
@@ -57,13 +82,21 @@ def test_malformed_events_become_dead_letters(
                 expected_kind[len(values)] = bad[i][1:]
                 values.append((key, bad[i][0]))
         produce(kafka_bootstrap, frames, values)
-        worker = start_worker(kafka__input_topic=frames, kafka__output_topic=out,
-                              kafka__dead_letter_topic=dead, kafka__group_id=group,
-                              fetch__retries="0")
-        letters = [DeadLetter.model_validate_json(r.value)
-                   for r in read(kafka_bootstrap, dead, expected=len(bad), timeout_s=120)]
-        results = [EmotionResult.model_validate_json(r.value)
-                   for r in read(kafka_bootstrap, out, expected=len(good), timeout_s=120)]
+        worker = start_worker(
+            kafka__input_topic=frames,
+            kafka__output_topic=out,
+            kafka__dead_letter_topic=dead,
+            kafka__group_id=group,
+            fetch__retries="0",
+        )
+        letters = [
+            DeadLetter.model_validate_json(r.value)
+            for r in read(kafka_bootstrap, dead, expected=len(bad), timeout_s=120)
+        ]
+        results = [
+            EmotionResult.model_validate_json(r.value)
+            for r in read(kafka_bootstrap, out, expected=len(good), timeout_s=120)
+        ]
         assert worker.stop() == 0, worker.log_text()[-3000:]
 
     assert len(letters) == len(bad)

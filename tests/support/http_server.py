@@ -18,7 +18,7 @@ class ImageServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            def do_GET(self) -> None:
                 server.requests += 1
                 if server.delay_s:
                     time.sleep(server.delay_s)

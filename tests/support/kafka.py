@@ -19,9 +19,13 @@ class Record:
     value: bytes
 
 
-def produce(bootstrap: str, topic: str, values: list[tuple[bytes | None, bytes]],
-            partition: int | None = None) -> list[tuple[int, int]]:
-    """Publish (key, value) pairs; returns their (partition, offset) in order."""
+def produce(
+    bootstrap: str, topic: str, values: list[tuple[bytes | None, bytes]], spread: int | None = None
+) -> list[tuple[int, int]]:
+    """Publish (key, value) pairs, round-robin over `spread` partitions if given.
+
+    Returns their (partition, offset) in order.
+    """
     producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
     coords: list[tuple[int, int] | None] = [None] * len(values)
 
@@ -29,10 +33,11 @@ def produce(bootstrap: str, topic: str, values: list[tuple[bytes | None, bytes]]
         def delivered(err, msg) -> None:  # type: ignore[no-untyped-def]
             assert err is None, err
             coords[index] = (msg.partition(), msg.offset())
+
         return delivered
 
     for index, (key, value) in enumerate(values):
-        kwargs = {} if partition is None else {"partition": partition}
+        kwargs = {} if spread is None else {"partition": index % spread}
         producer.produce(topic, key=key, value=value, on_delivery=report(index), **kwargs)
         producer.poll(0)
     assert producer.flush(30) == 0
@@ -40,12 +45,23 @@ def produce(bootstrap: str, topic: str, values: list[tuple[bytes | None, bytes]]
     return [c for c in coords if c is not None]
 
 
-def read(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0,
-         idle_s: float = 0.0, until: Callable[[list[Record]], bool] | None = None,
-         ) -> list[Record]:
+def read(
+    bootstrap: str,
+    topic: str,
+    expected: int,
+    timeout_s: float = 60.0,
+    idle_s: float = 0.0,
+    until: Callable[[list[Record]], bool] | None = None,
+) -> list[Record]:
     """Read from the start until `expected` records (or `until` holds), then `idle_s` more."""
-    reader = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{uuid.uuid4()}",
-                       "auto.offset.reset": "earliest", "enable.auto.commit": False})
+    reader = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"reader-{uuid.uuid4()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
     reader.subscribe([topic])
     records: list[Record] = []
     deadline = time.monotonic() + timeout_s
@@ -55,9 +71,10 @@ def read(bootstrap: str, topic: str, expected: int, timeout_s: float = 60.0,
             batch = reader.consume(500, timeout=0.2)
             for msg in batch:
                 if msg.error() is None:
-                    records.append(Record(msg.topic(), msg.partition(), msg.offset(),
-                                          msg.key(), msg.value()))
-            if (until(records) if until else len(records) >= expected):
+                    records.append(
+                        Record(msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value())
+                    )
+            if until(records) if until else len(records) >= expected:
                 if quiet_until is None:
                     quiet_until = time.monotonic() + idle_s
                 if time.monotonic() >= quiet_until:
@@ -80,7 +97,9 @@ def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[i
 def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
     client = Consumer({"bootstrap.servers": bootstrap, "group.id": f"probe-{uuid.uuid4()}"})
     try:
-        return {p: client.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-                for p in range(partitions)}
+        return {
+            p: client.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in range(partitions)
+        }
     finally:
         client.close()

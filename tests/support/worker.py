@@ -21,7 +21,9 @@ class WorkerProcess:
         self._log: IO[bytes] = log_path.open("ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "consumer.cli", "run", "--log-format", "json"],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
 
     def log_text(self) -> str:

@@ -121,7 +121,7 @@ def test_http_5xx_is_retried_then_reported(served: ImageServer) -> None:
 class _Endless(BaseHTTPRequestHandler):
     """Streams 64 MiB with no Content-Length: the cap must hold while reading."""
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.send_response(200)
         self.end_headers()
         try:

@@ -67,8 +67,9 @@ def test_invalid_event_names_the_field(change: dict[str, object], field: str, wo
 
 def test_missing_required_field_is_named() -> None:
     with pytest.raises(ValidationError) as info:
-        FrameEvent.model_validate_json(json.dumps({k: v for k, v in VALID.items()
-                                                   if k != "captured_at"}))
+        FrameEvent.model_validate_json(
+            json.dumps({k: v for k, v in VALID.items() if k != "captured_at"})
+        )
     assert info.value.errors()[0]["loc"] == ("captured_at",)
 
 

@@ -21,18 +21,25 @@ def record(value: bytes, offset: int = 7) -> InputRecord:
 
 
 def event_json(**extra: object) -> bytes:
-    base = {"event_id": "e1", "stream_id": "cam", "captured_at": "2026-11-28T10:00:00Z",
-            "image": "file:///nowhere.png"}
+    base = {
+        "event_id": "e1",
+        "stream_id": "cam",
+        "captured_at": "2026-11-28T10:00:00Z",
+        "image": "file:///nowhere.png",
+    }
     return json.dumps({**base, **extra}).encode()
 
 
-@pytest.mark.parametrize(("value", "kind", "words"), [
-    (b"", "not_json", "not UTF-8 JSON"),
-    (b"\x00\xff", "not_json", "not UTF-8 JSON"),
-    (b"[1, 2]", "invalid_event", "field (root)"),
-    (event_json(stream_id=3), "invalid_event", "field stream_id"),
-    (b"x" * 2000, "event_too_large", "flow.max_event_bytes=1000"),
-])
+@pytest.mark.parametrize(
+    ("value", "kind", "words"),
+    [
+        (b"", "not_json", "not UTF-8 JSON"),
+        (b"\x00\xff", "not_json", "not UTF-8 JSON"),
+        (b"[1, 2]", "invalid_event", "field (root)"),
+        (event_json(stream_id=3), "invalid_event", "field stream_id"),
+        (b"x" * 2000, "event_too_large", "flow.max_event_bytes=1000"),
+    ],
+)
 def test_parse_event_errors(value: bytes, kind: str, words: str) -> None:
     with pytest.raises(EventError) as info:
         parse_event(record(value), max_event_bytes=1000)
@@ -50,9 +57,15 @@ def test_prepare_turns_fetch_errors_into_failed_events(tmp_path: Path) -> None:
 def test_prepare_crops_event_boxes(tmp_path: Path) -> None:
     path = tmp_path / "frame.png"
     Image.new("L", (120, 60)).save(path)
-    event = FrameEvent.model_validate_json(event_json(
-        image=path.as_uri(), faces=[{"x": 0, "y": 0, "width": 50, "height": 50},
-                                    {"x": 60, "y": 10, "width": 40, "height": 40}]))
+    event = FrameEvent.model_validate_json(
+        event_json(
+            image=path.as_uri(),
+            faces=[
+                {"x": 0, "y": 0, "width": 50, "height": 50},
+                {"x": 60, "y": 10, "width": 40, "height": 40},
+            ],
+        )
+    )
     outcome = prepare_event(record(b"{}"), event, FetchSettings())
     assert isinstance(outcome, PreparedEvent)
     assert [c.size for c in outcome.crops] == [(50, 50), (40, 40)]
@@ -72,11 +85,11 @@ def test_encode_result_points_back_at_its_source(tmp_path: Path) -> None:
     event = FrameEvent.model_validate_json(event_json(image=path.as_uri()))
     prepared = prepare_event(record(b"{}"), event, FetchSettings())
     assert isinstance(prepared, PreparedEvent)
-    outcome = encode_result(prepared, [Scores("sad", 0.6, {"sad": 0.6, "happy": 0.4})],
-                            "tiny", "emotions")
+    outcome = encode_result(
+        prepared, [Scores("sad", 0.6, {"sad": 0.6, "happy": 0.4})], "tiny", "emotions"
+    )
     result = EmotionResult.model_validate_json(outcome.value)
-    assert (result.source.topic, result.source.partition, result.source.offset) == (
-        "frames", 2, 7)
+    assert (result.source.topic, result.source.partition, result.source.offset) == ("frames", 2, 7)
     assert result.result_id == result_id_for(result.source)
     assert result.faces[0].label == "sad" and result.status == "ok"
     assert outcome.key == b"cam" and outcome.topic == "emotions"

@@ -1,0 +1,49 @@
+# The two commands a user needs: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
+
+.PHONY: setup demo test unit integration lint schemas lock broker clean
+
+# Pinned install: every package version comes from requirements.lock. pip's cache
+# (~/.cache/pip) keeps the several-GB torch wheel across fresh clones on one machine.
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip==26.3"
+	$(BIN)/python -m pip install --quiet -c requirements.lock -e ".[test]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/emotion-worker demo
+
+test: setup lint
+	$(BIN)/python -m deploy.kafka.local_broker fetch > /dev/null
+	$(BIN)/python -m pytest
+
+unit: setup
+	$(BIN)/python -m pytest tests/unit
+
+integration: setup
+	$(BIN)/python -m pytest tests/integration
+
+lint: setup
+	$(BIN)/ruff check consumer schemas deploy tests bench
+	$(BIN)/mypy
+
+schemas: setup
+	$(BIN)/python -m schemas.export
+
+# Re-resolve the pins after changing dependencies in pyproject.toml.
+lock: setup
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^emotion-worker' > requirements.lock
+
+# A broker on 127.0.0.1:9092 in the foreground, for running the worker by hand.
+broker: setup
+	$(BIN)/python -m deploy.kafka.local_broker run --port 9092
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

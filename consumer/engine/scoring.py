@@ -1,0 +1,221 @@
+"""Score faces with one LLaVA forward pass: the next-token probabilities of the answer words."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+from consumer.config import ModelSettings
+from consumer.engine.loader import LoadedCheckpoint, ModelLoadError, load_checkpoint
+
+
+@dataclass(frozen=True, slots=True)
+class FaceScores:
+    """One face's result: the best label, its probability, and every label's probability."""
+
+    label: str
+    confidence: float
+    scores: dict[str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class _Prompt:
+    """The prompt tokenized once, with <image> already expanded to the image token count."""
+
+    input_ids: torch.Tensor  # (1, sequence) on the model's device
+    attention_mask: torch.Tensor  # (1, sequence)
+    pixel_shape: tuple[int, ...]  # (channels, height, width) these ids were built for
+    image_tokens: int
+
+
+class EmotionEngine:
+    """A loaded LLaVA that names the expression of face crops; use from one thread."""
+
+    def __init__(
+        self,
+        checkpoint: LoadedCheckpoint,
+        settings: ModelSettings,
+        *,
+        max_batch_size: int = 16,
+    ) -> None:
+        """Prepare the cached prompt and label tokens; prefer EmotionEngine.load()."""
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.labels: tuple[str, ...] = settings.labels
+        self.model_id: str = settings.model_id or checkpoint.path.name
+        self.device: torch.device = checkpoint.device
+        self.dtype: torch.dtype = checkpoint.dtype
+        self.max_batch_size = max_batch_size
+        self.model: Any = checkpoint.model
+        self._image_processor: Any = checkpoint.processor.image_processor
+        words = settings.words
+        self.prompt_text: str = settings.prompt.format(labels=", ".join(words))
+        self._prompt = _encode_prompt(checkpoint, self.prompt_text)
+        token_ids = label_token_ids(
+            checkpoint.processor.tokenizer, self.prompt_text, settings.labels, words
+        )
+        self.label_token_ids: tuple[int, ...] = tuple(token_ids)
+        self._label_index = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+
+    @classmethod
+    def load(cls, settings: ModelSettings, *, max_batch_size: int = 16) -> EmotionEngine:
+        """Validate and load settings.path; raise ModelLoadError naming the problem and the fix."""
+        return cls(load_checkpoint(settings), settings, max_batch_size=max_batch_size)
+
+    @property
+    def image_tokens(self) -> int:
+        """How many <image> tokens one face takes in the prompt."""
+        return self._prompt.image_tokens
+
+    def warm_up(self) -> None:
+        """Run one full dummy batch so kernels and memory are ready before real traffic."""
+        height, width = self._prompt.pixel_shape[-2:]
+        blank = Image.new("RGB", (width, height), (128, 128, 128))
+        self.classify([blank] * self.max_batch_size)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def classify(self, faces: Sequence[Image.Image]) -> list[FaceScores]:
+        """One FaceScores per face, in order; batches of at most max_batch_size."""
+        results: list[FaceScores] = []
+        for start in range(0, len(faces), self.max_batch_size):
+            chunk = faces[start : start + self.max_batch_size]
+            probabilities = self._probabilities(chunk).tolist()
+            results.extend(self._to_scores(row) for row in probabilities)
+        return results
+
+    def _probabilities(self, faces: Sequence[Image.Image]) -> torch.Tensor:
+        """(faces, labels) float64 probabilities on the CPU."""
+        pixel_values = self._pixel_values(faces)
+        count = pixel_values.shape[0]
+        with torch.inference_mode():
+            output = self.model(
+                # expand() repeats the cached prompt without copying it.
+                input_ids=self._prompt.input_ids.expand(count, -1),
+                attention_mask=self._prompt.attention_mask.expand(count, -1),
+                pixel_values=pixel_values,
+                # Only the last position's logits are needed: skips the lm_head over the
+                # whole sequence, by far the largest matmul for a real vocabulary.
+                logits_to_keep=1,
+                use_cache=False,
+            )
+            logits = output.logits[:, -1, :].index_select(-1, self._label_index)
+            # float64 so the probabilities sum to 1 within 1e-9 even from bfloat16 logits.
+            probabilities: torch.Tensor = logits.double().softmax(dim=-1).cpu()
+            return probabilities
+
+    def _pixel_values(self, faces: Sequence[Image.Image]) -> torch.Tensor:
+        rgb = [_as_rgb(face) for face in faces]
+        pixel_values: torch.Tensor = self._image_processor(images=rgb, return_tensors="pt")[
+            "pixel_values"
+        ]
+        if tuple(pixel_values.shape[1:]) != self._prompt.pixel_shape:
+            # The cached prompt holds a fixed number of image tokens; another image size
+            # would need another count, which a fixed-size (center-crop) processor never makes.
+            raise RuntimeError(
+                f"image processor made pixel_values of shape {tuple(pixel_values.shape[1:])}, "
+                f"but the prompt was built for {self._prompt.pixel_shape}"
+            )
+        return pixel_values.to(self.device, dtype=self.dtype, non_blocking=True)
+
+    def _to_scores(self, row: list[float]) -> FaceScores:
+        best = max(range(len(row)), key=row.__getitem__)
+        return FaceScores(
+            label=self.labels[best],
+            confidence=row[best],
+            scores=dict(zip(self.labels, row, strict=True)),
+        )
+
+
+def _as_rgb(face: Image.Image) -> Image.Image:
+    if not isinstance(face, Image.Image):
+        raise TypeError(f"classify() takes PIL images, got {type(face).__name__}")
+    return face if face.mode == "RGB" else face.convert("RGB")
+
+
+def _encode_prompt(checkpoint: LoadedCheckpoint, prompt_text: str) -> _Prompt:
+    """Tokenize the prompt once through the processor itself, so the number of image tokens
+    and the special tokens are exactly what processor(text=..., images=...) produces."""
+    processor = checkpoint.processor
+    # Any size works (the image processor resizes); the crop size just avoids a resample.
+    crop = getattr(processor.image_processor, "crop_size", None) or {}  # dict or SizeDict
+    dummy = Image.new("RGB", (crop.get("width") or 224, crop.get("height") or 224))
+    encoded = processor(text=prompt_text, images=dummy, return_tensors="pt")
+    input_ids = encoded["input_ids"]
+    image_token_id = checkpoint.model.config.image_token_id
+    image_tokens = int((input_ids == image_token_id).sum())
+    if image_tokens == 0:
+        raise ModelLoadError(
+            f"model.path {checkpoint.path}: the prompt holds no image token "
+            f"(id {image_token_id}) after processing; the processor's image_token must match "
+            "config.json's image_token_index"
+        )
+    return _Prompt(
+        input_ids=input_ids.to(checkpoint.device),
+        attention_mask=encoded["attention_mask"].to(checkpoint.device),
+        pixel_shape=tuple(encoded["pixel_values"].shape[1:]),
+        image_tokens=image_tokens,
+    )
+
+
+def label_token_ids(
+    tokenizer: Any, prompt_text: str, labels: Sequence[str], words: Sequence[str]
+) -> list[int]:
+    """The first token the model would generate for each answer word right after the prompt.
+
+    Raises ModelLoadError if two labels start with the same token or a word is unknown.
+    """
+    prompt_ids: list[int] = tokenizer(prompt_text)["input_ids"]
+    # <unk> counts as a word token here: unknown words are reported below, not as "no token".
+    specials = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    owners: dict[int, str] = {}
+    token_ids: list[int] = []
+    for label, word in zip(labels, words, strict=True):
+        # Tokenizing prompt + " word" (not the bare word) gives the token as it follows the
+        # prompt, e.g. "▁happy" for Llama's sentencepiece rather than "happy".
+        full_ids: list[int] = tokenizer(f"{prompt_text} {word}")["input_ids"]
+        token_id = _first_new_token(prompt_ids, full_ids, word, specials)
+        if token_id in owners:
+            token = tokenizer.convert_ids_to_tokens(token_id)
+            raise ModelLoadError(
+                f"labels {owners[token_id]!r} and {label!r} both start with the token "
+                f"{token!r} (id {token_id}), so the model cannot tell them apart; choose "
+                "distinct model.answer_words"
+            )
+        owners[token_id] = label
+        token_ids.append(token_id)
+    unknown = [w for w, t in zip(words, token_ids, strict=True) if t == tokenizer.unk_token_id]
+    if unknown:
+        raise ModelLoadError(
+            f"answer words {unknown} are unknown to the tokenizer; choose model.answer_words "
+            "from the model's vocabulary"
+        )
+    return token_ids
+
+
+def _first_new_token(
+    prompt_ids: list[int], full_ids: list[int], word: str, specials: set[int]
+) -> int:
+    # Trailing special tokens (an EOS some tokenizers append) may differ; the rest must not.
+    core = len(prompt_ids)
+    while core and prompt_ids[core - 1] in specials:
+        core -= 1
+    shared = 0
+    for before, after in zip(prompt_ids, full_ids, strict=False):
+        if before != after:
+            break
+        shared += 1
+    if shared < core:
+        # The word merged with the end of the prompt: its first token is not one the model
+        # would generate after the prompt as given.
+        raise ModelLoadError(
+            f"answer word {word!r} merges with the end of model.prompt when tokenized; end "
+            "the prompt with a separator such as ':'"
+        )
+    if shared >= len(full_ids) or full_ids[shared] in specials:
+        raise ModelLoadError(f"answer word {word!r} adds no token after model.prompt; fix it")
+    return full_ids[shared]
