@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 import uuid
@@ -19,7 +20,9 @@ from consumer.logs import configure_logging
 from schemas import DeadLetter, EmotionResult
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "fer2013" / "train"
+DEFAULT_DATA = Path(
+    os.environ.get("FER2013_TRAIN") or REPO.parent / "shared" / "data" / "fer2013" / "train"
+)
 DEFAULT_MODEL = REPO / ".cache" / "models" / "tiny-llava"
 
 

@@ -241,14 +241,13 @@ class Worker:
 
     def _publish(self, outcome: Outcome) -> None:
         record = outcome.record
-        if outcome.is_dead_letter:
-            log.warning(
-                "dead letter",
-                topic=record.topic,
-                partition=record.partition,
-                offset=record.offset,
-                reason=dict(outcome.headers).get("error_kind"),
-            )
+        with structlog.contextvars.bound_contextvars(
+            event_id=outcome.event_id, partition=record.partition, offset=record.offset
+        ):
+            if outcome.is_dead_letter:
+                log.warning("dead letter", topic=record.topic, reason=outcome.reason)
+            else:
+                log.debug("result published", topic=outcome.topic)
 
         def delivered(error: KafkaError | None, _message: Message) -> None:
             self._on_delivery(record, outcome.is_dead_letter, error)

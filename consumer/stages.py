@@ -97,6 +97,7 @@ def encode_result(
         value=result.model_dump_json().encode(),
         is_dead_letter=False,
         headers=[("event_id", event.event_id.encode())],
+        event_id=event.event_id,
     )
 
 
@@ -122,4 +123,6 @@ def encode_dead_letter(failed: FailedEvent, dead_letter_topic: str) -> Outcome:
         value=letter.model_dump_json().encode(),
         is_dead_letter=True,
         headers=[("error_kind", failed.kind.encode())],
+        event_id=failed.event_id,
+        reason=f"{failed.kind}: {failed.message}",
     )

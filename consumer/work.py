@@ -62,3 +62,5 @@ class Outcome:
     value: bytes
     is_dead_letter: bool
     headers: list[tuple[str, str | bytes | None]] = field(default_factory=list)
+    event_id: str | None = None
+    reason: str | None = None  # dead letters: "<error_kind>: <message>", for the log

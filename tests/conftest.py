@@ -10,7 +10,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-FER_TRAIN = REPO.parent / "shared" / "data" / "fer2013" / "train"
+# The FER-2013 training folder sits in shared/ beside the checkout; FER2013_TRAIN overrides.
+FER_TRAIN = Path(
+    os.environ.get("FER2013_TRAIN") or REPO.parent / "shared" / "data" / "fer2013" / "train"
+)
 
 
 @pytest.fixture(scope="session")

@@ -107,6 +107,13 @@ def test_malformed_events_become_dead_letters(
         assert letter.source.topic == frames
         assert letter.value == values[letter.source.offset][1]  # original bytes kept
         assert letter.attempts >= 1
+    # One warning line per dead letter, with its coordinates and reason bound (JSON logs).
+    lines = [json.loads(line) for line in worker.log_text().splitlines() if line.startswith("{")]
+    warned = {e["offset"]: e for e in lines if e.get("event") == "dead letter"}
+    assert set(warned) == set(expected_kind)
+    for offset, entry in warned.items():
+        assert entry["level"] == "warning" and entry["partition"] == 0
+        assert entry["reason"].startswith(expected_kind[offset][0])
     assert len(results) == len(good)
     good_offsets = set(range(len(values))) - set(expected_kind)
     assert {r.source.offset for r in results} == good_offsets
