@@ -50,7 +50,20 @@ class KafkaSettings(_Section):
     consumer_config: dict[str, str | int | float | bool] = Field(default_factory=dict)
     producer_config: dict[str, str | int | float | bool] = Field(default_factory=dict)
     poll_timeout_s: float = Field(default=0.1, gt=0, le=5)
+    # Done offsets are committed every commit_interval_s or every commit_every events,
+    # whichever comes first, and always on revoke and on shutdown.
     commit_interval_s: float = Field(default=1.0, gt=0)
+    commit_every: int = Field(default=1000, ge=1)
+    # at_least_once: results, then offsets; duplicates only from the uncommitted window.
+    # exactly_once: results and offsets in one Kafka transaction; read_committed readers
+    # see each result once.
+    processing_guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    # Static membership (Kubernetes: the pod name): a restart within session.timeout.ms
+    # causes no rebalance, and in exactly_once mode it is the stable transactional id that
+    # fences the previous incarnation.
+    group_instance_id: str | None = Field(default=None, min_length=1, max_length=249)
+    # How long a revoke waits for in-flight events of the revoked partitions to finish.
+    revoke_timeout_s: float = Field(default=10.0, ge=0, le=300)
 
 
 class ModelSettings(_Section):
@@ -100,9 +113,12 @@ class FetchSettings(_Section):
 
 
 class FlowSettings(_Section):
-    # Above max_in_flight events the partitions are paused; below resume_below they resume.
+    # Above max_in_flight events (or max_in_flight_bytes of event payloads and decoded
+    # faces) the partitions are paused; below resume_below events and half the bytes they
+    # resume. Polling goes on meanwhile, so the worker stays in its group.
     max_in_flight: int = Field(default=256, ge=1)
     resume_below: int = Field(default=128, ge=0)
+    max_in_flight_bytes: int = Field(default=256 * 1024 * 1024, ge=1024)
     drain_timeout_s: float = Field(default=20.0, ge=0)
     max_event_bytes: int = Field(default=64 * 1024, ge=256)
 

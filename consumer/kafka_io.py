@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+import os
+import socket
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Message
@@ -40,34 +42,52 @@ def _check_fixed(overrides: dict[str, Any], fixed: dict[str, Any], section: str)
             )
 
 
-def consumer_config(settings: KafkaSettings) -> dict[str, Any]:
+def consumer_config(
+    settings: KafkaSettings, error_cb: Callable[[KafkaError], None] | None = None
+) -> dict[str, Any]:
     """librdkafka consumer settings: ours, then the user's common and consumer overrides."""
     overrides = {**settings.common_config, **settings.consumer_config}
     _check_fixed(overrides, _CONSUMER_FIXED, "consumer_config")
-    return {
+    config: dict[str, Any] = {
         "bootstrap.servers": settings.bootstrap_servers,
         "group.id": settings.group_id,
         "auto.offset.reset": "earliest",
         # Incremental rebalances: a scale-up does not stop every worker's partitions.
         "partition.assignment.strategy": "cooperative-sticky",
+        # Upstream may write frames in transactions; never read aborted ones.
+        "isolation.level": "read_committed",
         "logger": CLIENT_LOGGER,
-        **overrides,
-        **_CONSUMER_FIXED,
     }
+    if settings.group_instance_id:
+        config["group.instance.id"] = settings.group_instance_id
+    if error_cb is not None:
+        config["error_cb"] = error_cb
+    return {**config, **overrides, **_CONSUMER_FIXED}
 
 
-def producer_config(settings: KafkaSettings) -> dict[str, Any]:
+def transactional_id(settings: KafkaSettings) -> str:
+    """Stable per worker identity, so a restarted pod fences its previous incarnation."""
+    identity = settings.group_instance_id or f"{socket.gethostname()}-{os.getpid()}"
+    return f"{settings.group_id}-{identity}"
+
+
+def producer_config(
+    settings: KafkaSettings, error_cb: Callable[[KafkaError], None] | None = None
+) -> dict[str, Any]:
     """librdkafka producer settings: idempotent, acks=all, small linger for batching."""
     overrides = {**settings.common_config, **settings.producer_config}
     _check_fixed(overrides, _PRODUCER_FIXED, "producer_config")
-    return {
+    config: dict[str, Any] = {
         "bootstrap.servers": settings.bootstrap_servers,
         "linger.ms": 5,
         "compression.type": "lz4",
         "logger": CLIENT_LOGGER,
-        **overrides,
-        **_PRODUCER_FIXED,
     }
+    if settings.processing_guarantee == "exactly_once":
+        config["transactional.id"] = transactional_id(settings)
+    if error_cb is not None:
+        config["error_cb"] = error_cb
+    return {**config, **overrides, **_PRODUCER_FIXED}
 
 
 def to_record(message: Message) -> InputRecord:

@@ -2,49 +2,40 @@
 
 Threads:
 - the poll loop (the caller of `Worker.run`) owns the consumer: it polls, validates, hands
-  fetches to the pool, serves delivery reports, pauses/resumes and commits;
+  fetches to the pool, serves delivery reports, pauses/resumes, rebalances and commits;
 - a pool of fetch threads downloads, decodes and crops;
-- one engine thread runs the model on micro-batches and produces the outcomes.
+- one engine thread runs the model on micro-batches and produces the outcomes, in input
+  order, under the publish lock.
 
 Invariant: an input offset is committed only after the result or dead letter of that event
-and of every earlier event of its partition was acknowledged by the broker (OffsetTracker).
+and of every earlier event of its partition was acknowledged by the broker (OffsetTracker);
+in exactly_once mode, in the same transaction as those results.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Protocol
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
 
 import structlog
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
-from PIL import Image
 
 from consumer.batching import Item, MicroBatcher
+from consumer.committer import CommitError, Committer, OffsetCommitter, TransactionCommitter
 from consumer.config import WorkerSettings
 from consumer.errors import EventError
+from consumer.inference import BatchRunner, Classifier
 from consumer.kafka_io import consumer_config, producer_config, to_record
 from consumer.offsets import OffsetTracker
-from consumer.stages import (
-    ScoredFace,
-    encode_dead_letter,
-    encode_result,
-    parse_event,
-    prepare_event,
-)
+from consumer.stages import parse_event, prepare_event
 from consumer.work import FailedEvent, InputRecord, Outcome, PreparedEvent
 
 log = structlog.get_logger("consumer.pipeline")
 
-
-class Classifier(Protocol):
-    """What the pipeline needs of the model engine."""
-
-    model_id: str
-
-    def classify(self, faces: Sequence[Image.Image]) -> Sequence[ScoredFace]: ...
+__all__ = ["Classifier", "Worker", "WorkerStats"]
 
 
 class WorkerStats:
@@ -55,6 +46,7 @@ class WorkerStats:
         self.consumed = 0
         self.results = 0
         self.dead_letters = 0
+        self.dropped = 0  # outcomes of partitions revoked before they were published
         self.batches = 0
         self.faces = 0
         self.commits = 0
@@ -63,6 +55,12 @@ class WorkerStats:
         with self._lock:
             for name, value in counts.items():
                 setattr(self, name, getattr(self, name) + value)
+
+
+def _resolved(item: Item) -> Future[Item]:
+    future: Future[Item] = Future()
+    future.set_result(item)
+    return future
 
 
 class Worker:
@@ -80,12 +78,23 @@ class Worker:
         self.engine = engine
         self.stats = WorkerStats()
         self.tracker = OffsetTracker()
+        kafka = settings.kafka
         self.batcher = MicroBatcher(
             settings.batch.max_batch_size, settings.batch.max_wait_ms / 1000.0
         )
-        self._consumer = consumer_factory(consumer_config(settings.kafka))
-        self._producer = producer_factory(producer_config(settings.kafka))
+        self.runner = BatchRunner(engine, kafka.output_topic, kafka.dead_letter_topic)
+        self._consumer = consumer_factory(consumer_config(kafka, error_cb=self._on_client_error))
+        self._producer = producer_factory(producer_config(kafka, error_cb=self._on_client_error))
+        self._committer: Committer = (
+            TransactionCommitter(self._consumer, self._producer)
+            if kafka.processing_guarantee == "exactly_once"
+            else OffsetCommitter(self._consumer)
+        )
         self._pool = ThreadPoolExecutor(settings.fetch.threads, thread_name_prefix="fetch")
+        # Held while producing a batch's outcomes and while committing or revoking, so a
+        # commit sees every produced outcome and nothing is produced for a revoked partition.
+        self._publish_lock = threading.Lock()
+        self._produced_since_commit = 0
         self._stop = threading.Event()
         self._engine_stop = threading.Event()
         self._fatal: str | None = None
@@ -100,8 +109,8 @@ class Worker:
         self._stop.set()
 
     @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
+    def failure(self) -> str | None:
+        return self._fatal
 
     def run(self) -> int:
         kafka = self.settings.kafka
@@ -111,7 +120,13 @@ class Worker:
             group_id=kafka.group_id,
             output_topic=kafka.output_topic,
             model_id=self.engine.model_id,
+            processing_guarantee=kafka.processing_guarantee,
         )
+        try:
+            self._committer.start()
+        except CommitError as exc:
+            self._fail(str(exc))
+            return self._close(1)
         self._consumer.subscribe(
             [kafka.input_topic],
             on_assign=self._on_assign,
@@ -145,102 +160,68 @@ class Worker:
                 log.warning("consumer error", error=str(error))
             return
         record = to_record(message)
-        self.tracker.track(record.topic_partition, record.offset)
+        if not self.tracker.owns(record.topic_partition):
+            return  # fetched before a revoke; the new owner reads it
+        self.tracker.track(record.topic_partition, record.offset, len(record.value))
         self.stats.add(consumed=1)
         try:
             event = parse_event(record, self.settings.flow.max_event_bytes)
         except EventError as exc:
-            self._publish(
-                encode_dead_letter(
-                    FailedEvent(record, exc.kind, exc.message),
-                    self.settings.kafka.dead_letter_topic,
-                )
-            )
+            # Through the batcher like everything else: outcomes leave in input order,
+            # which the exactly_once commit relies on.
+            self.batcher.put(_resolved(FailedEvent(record, exc.kind, exc.message)))
             return
-        future = self._pool.submit(prepare_event, record, event, self.settings.fetch)
-        self.batcher.put(future)
+        self.batcher.put(self._pool.submit(self._prepare, record, event))
+
+    def _prepare(self, record: InputRecord, event: Any) -> Item:
+        item = prepare_event(record, event, self.settings.fetch)
+        if isinstance(item, PreparedEvent):
+            held = sum(c.width * c.height * 3 for c in item.crops)
+            self.tracker.add_size(record.topic_partition, record.offset, held)
+        return item
 
     def _apply_backpressure(self) -> None:
         flow = self.settings.flow
-        in_flight = self.tracker.in_flight()
-        if not self._paused and in_flight >= flow.max_in_flight:
+        events, held = self.tracker.in_flight(), self.tracker.bytes_in_flight()
+        if not self._paused and (events >= flow.max_in_flight or held >= flow.max_in_flight_bytes):
             self._consumer.pause(self._consumer.assignment())
             self._paused = True
-            log.debug("paused partitions", in_flight=in_flight)
-        elif self._paused and in_flight <= flow.resume_below:
+            log.debug("paused partitions", in_flight=events, bytes_in_flight=held)
+        elif self._paused and events <= flow.resume_below and held < flow.max_in_flight_bytes // 2:
             self._consumer.resume(self._consumer.assignment())
             self._paused = False
-            log.debug("resumed partitions", in_flight=in_flight)
+            log.debug("resumed partitions", in_flight=events, bytes_in_flight=held)
 
     # ---- engine thread ------------------------------------------------------------------
 
     def _engine_loop(self) -> None:
         try:
-            self._engine_batches()
+            while True:
+                batch = self.batcher.next_batch(self._engine_stop)
+                if not batch:
+                    if self._engine_stop.is_set():
+                        return
+                    continue
+                outcomes = self.runner.run(batch)
+                self.stats.add(
+                    batches=1,
+                    faces=sum(len(i.crops) for i in batch if isinstance(i, PreparedEvent)),
+                )
+                with self._publish_lock:
+                    for outcome in outcomes:
+                        self._publish(outcome)
         except Exception as exc:  # a bug here must end the process, not hang it
             log.exception("engine thread crashed")
             self._fail(f"engine thread crashed: {type(exc).__name__}: {exc}")
 
-    def _engine_batches(self) -> None:
-        while True:
-            batch = self.batcher.next_batch(self._engine_stop)
-            if not batch:
-                if self._engine_stop.is_set():
-                    return
-                continue
-            for outcome in self._run_batch(batch):
-                self._publish(outcome)
-
-    def _run_batch(self, batch: list[Item]) -> list[Outcome]:
-        kafka = self.settings.kafka
-        prepared = [item for item in batch if isinstance(item, PreparedEvent)]
-        crops = [crop for item in prepared for crop in item.crops]
-        started = time.perf_counter()
-        try:
-            scores = list(self.engine.classify(crops)) if crops else []
-        except Exception as exc:  # one bad batch becomes dead letters, not a dead worker
-            log.exception("model failed on a batch", faces=len(crops))
-            scores = []
-            batch = [
-                FailedEvent(
-                    i.record,
-                    "model_error",
-                    f"{type(exc).__name__}: {exc}",
-                    i.fetch_attempts,
-                    i.event.event_id,
-                )
-                if isinstance(i, PreparedEvent)
-                else i
-                for i in batch
-            ]
-        log.debug(
-            "batch classified",
-            events=len(batch),
-            faces=len(crops),
-            model_ms=round((time.perf_counter() - started) * 1000, 2),
-        )
-        self.stats.add(batches=1, faces=len(crops))
-        outcomes, cursor = [], 0
-        for item in batch:
-            if isinstance(item, PreparedEvent):
-                count = len(item.crops)
-                outcomes.append(
-                    encode_result(
-                        item,
-                        scores[cursor : cursor + count],
-                        self.engine.model_id,
-                        kafka.output_topic,
-                    )
-                )
-                cursor += count
-            else:
-                outcomes.append(encode_dead_letter(item, kafka.dead_letter_topic))
-        return outcomes
-
     # ---- publishing and committing ------------------------------------------------------
 
     def _publish(self, outcome: Outcome) -> None:
+        """Produce one outcome; call with the publish lock held."""
         record = outcome.record
+        if not self.tracker.owns(record.topic_partition):
+            self.stats.add(dropped=1)  # revoked: its new owner processes it again
+            return
         with structlog.contextvars.bound_contextvars(
             event_id=outcome.event_id, partition=record.partition, offset=record.offset
         ):
@@ -261,6 +242,7 @@ class Worker:
                     headers=outcome.headers,
                     on_delivery=delivered,
                 )
+                self._produced_since_commit += 1
                 return
             except BufferError:
                 self._producer.poll(0.05)  # local queue full: let deliveries drain it
@@ -274,25 +256,52 @@ class Worker:
                 f"was not delivered: {error}"
             )
             return
-        self.stats.add(dead_letters=1) if dead else self.stats.add(results=1)
+        if dead:
+            self.stats.add(dead_letters=1)
+        else:
+            self.stats.add(results=1)
         self.tracker.mark_done(record.topic_partition, record.offset)
 
+    def _on_client_error(self, error: KafkaError) -> None:
+        # Served from poll/consume on the poll thread. Most errors are transient and
+        # librdkafka recovers; a fatal one (e.g. a fenced idempotent producer) is not.
+        if error.fatal():
+            self._fail(f"fatal Kafka client error: {error}")
+        else:
+            log.warning("kafka client error", error=str(error), code=error.name())
+
     def _maybe_commit(self, force: bool = False) -> None:
-        interval = self.settings.kafka.commit_interval_s
-        if not force and time.monotonic() - self._last_commit < interval:
+        kafka = self.settings.kafka
+        due = (
+            time.monotonic() - self._last_commit >= kafka.commit_interval_s
+            or self.tracker.done_since_commit() >= kafka.commit_every
+        )
+        if force or due:
+            self._commit()
+
+    def _commit(self, partitions: set[tuple[str, int]] | None = None) -> None:
+        """Commit what is done; in exactly_once mode, the open transaction with it."""
+        if self._fatal is not None:
             return
         self._last_commit = time.monotonic()
-        self._commit(self.tracker.committable())
-
-    def _commit(self, offsets: dict[tuple[str, int], int]) -> None:
-        if not offsets or self._fatal is not None:
-            return
-        partitions = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-        try:
-            self._consumer.commit(offsets=partitions, asynchronous=False)
-        except Exception as exc:
-            log.warning("commit failed; will retry", error=str(exc))
-            return
+        with self._publish_lock:
+            if self._committer.transactional:
+                if self._produced_since_commit == 0:
+                    return
+                self._producer.flush()  # every produced outcome is now acknowledged
+                partitions = None  # a transaction covers everything produced in it
+            offsets = self.tracker.committable(partitions)
+            if not offsets and not self._committer.transactional:
+                return
+            try:
+                self._committer.commit(offsets)
+            except CommitError as exc:
+                if exc.fatal:
+                    self._fail(str(exc))
+                else:
+                    log.warning("commit failed; will retry", error=str(exc))
+                return
+            self._produced_since_commit = 0
         self.tracker.mark_committed(offsets)
         self.stats.add(commits=1)
 
@@ -311,17 +320,29 @@ class Worker:
         log.info("partitions assigned", partitions=[tp.partition for tp in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self._producer.flush(5.0)  # deliveries that arrive now may still be committed
-        owned = {(tp.topic, tp.partition) for tp in partitions}
-        self._commit({tp: o for tp, o in self.tracker.committable().items() if tp in owned})
-        for tp in owned:
-            self.tracker.revoke(tp)
-        log.info("partitions revoked", partitions=sorted(p for _, p in owned))
+        revoked = {(tp.topic, tp.partition) for tp in partitions}
+        # Let in-flight events of these partitions finish and be acknowledged, within a
+        # bound; what is not done by then is dropped uncommitted for the new owner.
+        deadline = time.monotonic() + self.settings.kafka.revoke_timeout_s
+        while (
+            self._fatal is None and self.tracker.in_flight(revoked) and time.monotonic() < deadline
+        ):
+            self._producer.poll(0.05)
+        self._commit(revoked)
+        with self._publish_lock:  # after this, nothing more is produced for them
+            for tp in revoked:
+                self.tracker.revoke(tp)
+        log.info("partitions revoked", partitions=sorted(p for _, p in revoked))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Lost, not revoked: another member may own them already, so commit nothing.
-        for tp in partitions:
-            self.tracker.revoke((tp.topic, tp.partition))
+        with self._publish_lock:
+            for tp in partitions:
+                self.tracker.revoke((tp.topic, tp.partition))
+        if self._committer.transactional:
+            # The open transaction may hold results of the lost partitions; committing it
+            # would be fenced, and aborting it loses results of partitions we still own.
+            self._fail("partitions lost in exactly_once mode; restarting from committed offsets")
         log.warning("partitions lost", partitions=[tp.partition for tp in partitions])
 
     # ---- shutdown -----------------------------------------------------------------------
@@ -335,18 +356,26 @@ class Worker:
             self._consumer.consume(1, timeout=0)
         self._engine_stop.set()
         self._engine_thread.join(timeout=max(0.0, deadline - time.monotonic()) + 1.0)
-        self._producer.flush(max(1.0, deadline - time.monotonic()))
         if self._fatal is None:
+            self._producer.flush(max(1.0, deadline - time.monotonic()))
             self._maybe_commit(force=True)
+        return self._close(0 if self._fatal is None else 1)
+
+    def _close(self, code: int) -> int:
+        if code != 0:
+            self._committer.abort()
+            # Undelivered outcomes must not be retried into a partition we no longer own.
+            self._producer.purge()
         self._consumer.close()
         self._producer.close()
-        left = self.tracker.in_flight()
         log.info(
             "worker stopped",
             consumed=self.stats.consumed,
             results=self.stats.results,
             dead_letters=self.stats.dead_letters,
-            unfinished=left,
+            dropped=self.stats.dropped,
+            unfinished=self.tracker.in_flight(),
             failure=self._fatal,
+            exit_code=code,
         )
-        return 1 if self._fatal is not None else 0
+        return code

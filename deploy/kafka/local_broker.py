@@ -177,8 +177,11 @@ class LocalKafkaBroker:
         if not (self.data_dir / "log" / "meta.properties").exists():
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             fmt = subprocess.run(
+                # "--cluster-id=ID", not "-t ID": a base64 id may start with "-" and would
+                # then be parsed as an option.
                 self._java(
-                    libs, "kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(props)
+                    libs, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
+                    f"--config={props}",
                 ),
                 capture_output=True,
                 text=True,

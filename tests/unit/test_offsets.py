@@ -68,5 +68,30 @@ def test_in_flight_counts_per_partition() -> None:
     tracker.track(TP, 1)
     tracker.track(OTHER, 7)
     assert tracker.in_flight() == 3
-    assert tracker.in_flight_of(TP) == 2
-    assert tracker.in_flight_of(("nope", 0)) == 0
+    assert tracker.in_flight([TP]) == 2
+    assert tracker.in_flight([("nope", 0)]) == 0
+
+
+def test_bytes_in_flight_follow_tracking_and_completion() -> None:
+    tracker = OffsetTracker()
+    tracker.track(TP, 0, size=100)
+    tracker.track(TP, 1, size=50)
+    tracker.add_size(TP, 0, 1000)  # decoded faces
+    assert tracker.bytes_in_flight() == 1150
+    tracker.mark_done(TP, 0)
+    tracker.mark_done(TP, 0)  # a repeated report changes nothing
+    assert tracker.bytes_in_flight() == 50
+    tracker.revoke(TP)
+    assert tracker.bytes_in_flight() == 0
+
+
+def test_committable_for_some_partitions_and_done_count() -> None:
+    tracker = OffsetTracker()
+    for tp in (TP, OTHER):
+        tracker.track(tp, 0)
+        tracker.mark_done(tp, 0)
+    assert tracker.done_since_commit() == 2
+    assert tracker.committable([OTHER]) == {OTHER: 1}
+    tracker.mark_committed({OTHER: 1})
+    assert tracker.done_since_commit() == 0
+    assert tracker.committed() == {TP: None, OTHER: 1}
