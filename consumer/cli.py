@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -125,6 +126,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from consumer.logs import configure_logging, get_logger
     from consumer.pipeline import Worker
 
+    stop = StopSignals()  # before the slow model load: a stop then must not be lost
     settings = load_settings(args.config, overrides_from_flags(args))
     configure_logging(settings.log)
     log = get_logger("consumer.cli")
@@ -132,22 +134,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     engine = EmotionEngine.load(settings.model, max_batch_size=settings.batch.max_batch_size)
     engine.warm_up()
     log.info("model ready", model_id=engine.model_id, device=str(engine.device))
+    if stop.requested:
+        log.info("stopped before consuming anything")
+        return 0
     worker = Worker(settings, engine)
-    install_stop_signals(worker.request_stop)
+    stop.on_stop(worker.request_stop)
     return worker.run()
 
 
-def install_stop_signals(request_stop: Any) -> None:
-    """First SIGTERM/SIGINT drains and commits; a second one exits at once, committing nothing."""
+class StopSignals:
+    """First SIGTERM/SIGINT asks for a graceful stop; a second exits at once, committing nothing."""
 
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        if getattr(handler, "seen", False):
+    def __init__(self) -> None:
+        self.requested = False
+        self._callback: Callable[[], None] | None = None
+        signal.signal(signal.SIGTERM, self._handle)
+        signal.signal(signal.SIGINT, self._handle)
+
+    def on_stop(self, callback: Callable[[], None]) -> None:
+        self._callback = callback
+        if self.requested:
+            callback()
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.requested:
             os._exit(128 + signum)
-        handler.seen = True  # type: ignore[attr-defined]
-        request_stop()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+        self.requested = True
+        if self._callback is None:
+            # Still loading the model: nothing is in flight, so leave right away.
+            raise SystemExit(0)
+        self._callback()
 
 
 def cmd_produce(args: argparse.Namespace) -> int:

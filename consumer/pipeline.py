@@ -145,8 +145,11 @@ class Worker:
 
     def _poll_once(self) -> None:
         self._producer.poll(0)  # serve delivery reports -> tracker.mark_done
-        self._apply_backpressure()
-        messages = self._consumer.consume(200, timeout=self.settings.kafka.poll_timeout_s)
+        room = self._apply_backpressure()
+        # Never take more than the in-flight limit leaves room for (paused: nothing comes).
+        messages = self._consumer.consume(
+            max(1, min(500, room)), timeout=self.settings.kafka.poll_timeout_s
+        )
         for message in messages:
             self._handle(message)
         self._maybe_commit()
@@ -180,7 +183,8 @@ class Worker:
             self.tracker.add_size(record.topic_partition, record.offset, held)
         return item
 
-    def _apply_backpressure(self) -> None:
+    def _apply_backpressure(self) -> int:
+        """Pause or resume the assignment; returns how many more events fit in flight."""
         flow = self.settings.flow
         events, held = self.tracker.in_flight(), self.tracker.bytes_in_flight()
         if not self._paused and (events >= flow.max_in_flight or held >= flow.max_in_flight_bytes):
@@ -191,6 +195,7 @@ class Worker:
             self._consumer.resume(self._consumer.assignment())
             self._paused = False
             log.debug("resumed partitions", in_flight=events, bytes_in_flight=held)
+        return flow.max_in_flight - events
 
     # ---- engine thread ------------------------------------------------------------------
 
@@ -304,6 +309,7 @@ class Worker:
             self._produced_since_commit = 0
         self.tracker.mark_committed(offsets)
         self.stats.add(commits=1)
+        log.debug("offsets committed", offsets={f"{t}:{p}": o for (t, p), o in offsets.items()})
 
     def _fail(self, reason: str) -> None:
         if self._fatal is None:

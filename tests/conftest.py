@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.worker import WorkerProcess
+
 REPO = Path(__file__).resolve().parent.parent
 # The FER-2013 training folder sits in shared/ beside the checkout; FER2013_TRAIN overrides.
 FER_TRAIN = Path(
@@ -76,3 +78,36 @@ def topic_factory(kafka_bootstrap: str) -> Callable[..., str]:
         return name
 
     return make
+
+
+@pytest.fixture(scope="session")
+def face_paths() -> list[Path]:
+    """400 real FER faces, round-robin over the seven classes."""
+    from consumer.event_source import image_files
+
+    return image_files(FER_TRAIN, limit=400)
+
+
+@pytest.fixture
+def start_worker(
+    tmp_path: Path, kafka_bootstrap: str, tiny_checkpoint: Path
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """start_worker(input_topic=..., ...) -> a running worker process; all are killed after."""
+    started: list[WorkerProcess] = []
+
+    def start(module: str = "consumer.cli", **settings: str) -> WorkerProcess:
+        env = {
+            "kafka__bootstrap_servers": kafka_bootstrap,
+            "kafka__commit_interval_s": "0.2",
+            "model__path": str(tiny_checkpoint),
+            "log__level": "info",
+            **settings,
+        }
+        worker = WorkerProcess(tmp_path / f"worker-{len(started)}.log", env, module)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        if worker.proc.poll() is None:
+            worker.kill()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from schemas import EmotionResult
+from tests.support.events import event_bytes
 from tests.support.http_server import ImageServer
 from tests.support.kafka import Record, committed, end_offsets, produce, read
 
@@ -49,8 +50,6 @@ def test_sigkill_mid_stream_loses_nothing(
     # A slow image server (25 ms a request, 2 fetch threads) keeps the stream going for
     # several seconds, so the kill lands in the middle of it.
     with ImageServer(served, delay_s=0.025) as server:
-        from tests.integration.conftest import event_bytes
-
         values = [
             event_bytes(
                 served / f"{i}.png", stream_id=f"cam-{i % 4}", image=f"{server.url}/{i}.png"

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from schemas import DeadLetter, EmotionResult
-from tests.integration.conftest import event_bytes
+from tests.support.events import event_bytes
 from tests.support.http_server import ImageServer
 from tests.support.kafka import committed, end_offsets, produce, read
 

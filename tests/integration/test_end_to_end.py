@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from schemas import EmotionResult, result_id_for
-from tests.integration.conftest import event_bytes
+from tests.support.events import event_bytes
 from tests.support.kafka import committed, end_offsets, produce, read
 
 PARTITIONS = 3

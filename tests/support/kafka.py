@@ -20,9 +20,13 @@ class Record:
 
 
 def produce(
-    bootstrap: str, topic: str, values: list[tuple[bytes | None, bytes]], spread: int | None = None
+    bootstrap: str,
+    topic: str,
+    values: list[tuple[bytes | None, bytes]],
+    spread: int | None = None,
+    partition_of: Callable[[int], int] | None = None,
 ) -> list[tuple[int, int]]:
-    """Publish (key, value) pairs, round-robin over `spread` partitions if given.
+    """Publish (key, value) pairs, round-robin over `spread` partitions or by `partition_of`.
 
     Returns their (partition, offset) in order.
     """
@@ -37,7 +41,11 @@ def produce(
         return delivered
 
     for index, (key, value) in enumerate(values):
-        kwargs = {} if spread is None else {"partition": index % spread}
+        kwargs = {}
+        if spread is not None:
+            kwargs["partition"] = index % spread
+        elif partition_of is not None:
+            kwargs["partition"] = partition_of(index)
         producer.produce(topic, key=key, value=value, on_delivery=report(index), **kwargs)
         producer.poll(0)
     assert producer.flush(30) == 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -10,21 +11,37 @@ import time
 from pathlib import Path
 from typing import IO
 
+REPO = Path(__file__).resolve().parent.parent.parent
+
 
 class WorkerProcess:
     """Starts `python -m consumer.cli run`; its log goes to a file the test can print."""
 
-    def __init__(self, log_path: Path, settings: dict[str, str]) -> None:
+    def __init__(
+        self, log_path: Path, settings: dict[str, str], module: str = "consumer.cli"
+    ) -> None:
         self.log_path = log_path
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         env.update({f"EMOTION_WORKER_{k.upper()}": v for k, v in settings.items()})
         self._log: IO[bytes] = log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "consumer.cli", "run", "--log-format", "json"],
+            [sys.executable, "-m", module, "run", "--log-format", "json"],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
+            cwd=REPO,  # so `-m tests.faults...` wrappers import
         )
+
+    def log_events(self) -> list[dict[str, object]]:
+        """The worker's JSON log lines, parsed (other lines are skipped)."""
+        events = []
+        for line in self.log_text().splitlines():
+            if line.startswith("{"):
+                try:
+                    events.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return events
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")

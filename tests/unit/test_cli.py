@@ -44,3 +44,28 @@ def test_make_tiny_model(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     target = tmp_path / "tiny"
     assert main(["make-tiny-model", str(target)]) == 0
     assert (target / "config.json").is_file() and list(target.glob("*.safetensors"))
+
+
+def test_stop_signals_graceful_then_immediate(monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from consumer.cli import StopSignals
+
+    previous = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        stop = StopSignals()
+        with pytest.raises(SystemExit) as early:
+            stop._handle(signal.SIGTERM, None)  # during model load: leave at once
+        assert early.value.code == 0
+        stop = StopSignals()
+        calls: list[str] = []
+        stop.on_stop(lambda: calls.append("drain"))
+        stop._handle(signal.SIGTERM, None)
+        assert calls == ["drain"]
+        exits: list[int] = []
+        monkeypatch.setattr("os._exit", exits.append)
+        stop._handle(signal.SIGTERM, None)  # second signal: exit now, commit nothing
+        assert exits == [128 + signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])

@@ -1,0 +1,115 @@
+"""Crashes and stops: SIGKILL at random moments, SIGTERM mid-stream, exactly-once kills."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.faults.checker import Stream
+from tests.support.kafka import end_offsets, read
+from tests.support.worker import WorkerProcess
+
+EVENTS = 300
+MAX_IN_FLIGHT = 32
+COMMIT_EVERY = 20
+PACE = {"batch__max_batch_size": "4", "fetch__threads": "1", "batch__max_wait_ms": "5"}
+
+
+def _run_with_kills(
+    stream: Stream,
+    start_worker: Callable[..., WorkerProcess],
+    settings: dict[str, str],
+    kills: int,
+    seed: int,
+) -> int:
+    """Start, SIGKILL at a random moment after the worker joined, repeat; then finish."""
+    rng = random.Random(seed)
+    for number in range(kills):
+        worker = start_worker(**settings)
+        worker.wait_for_log("partitions assigned", timeout_s=90)
+        time.sleep(rng.uniform(0.5, 2.5))
+        worker.kill()
+        if stream.distinct_so_far() >= len(stream.sent):
+            pytest.fail(f"kill {number + 1} came after the stream finished; it proved nothing")
+    last = start_worker(**settings)
+    stream.results(timeout_s=180, idle_s=0.5)
+    assert last.stop() == 0, last.log_text()[-3000:]
+    return kills
+
+
+def test_repeated_sigkill_loses_nothing(
+    make_stream: Callable[..., Stream],
+    start_worker: Callable[..., WorkerProcess],
+    face_paths: list[Path],
+    paced_images: str,
+) -> None:
+    stream = make_stream(partitions=3)
+    stream.publish(face_paths, EVENTS, image_url=paced_images)
+    settings = stream.settings(
+        flow__max_in_flight=str(MAX_IN_FLIGHT),
+        flow__resume_below="16",
+        kafka__commit_every=str(COMMIT_EVERY),
+        kafka__commit_interval_s="0.5",
+        **PACE,
+    )
+    kills = _run_with_kills(stream, start_worker, settings, kills=3, seed=7)
+    report = stream.report("1. SIGKILL x3 at random moments", note=f"{kills} kills")
+    assert report.missing == 0
+    # What a kill can re-deliver: in flight, plus done but not yet committed.
+    bound = kills * (2 * MAX_IN_FLIGHT + COMMIT_EVERY)
+    assert report.duplicates <= bound, f"{report.duplicates} duplicates > bound {bound}"
+    assert report.order_violations == 0
+    assert stream.committed() == end_offsets(stream.bootstrap, stream.input_topic, 3)
+
+
+def test_sigterm_mid_stream_drains_without_duplicates(
+    make_stream: Callable[..., Stream],
+    start_worker: Callable[..., WorkerProcess],
+    face_paths: list[Path],
+    paced_images: str,
+) -> None:
+    stream = make_stream(partitions=3)
+    stream.publish(face_paths, EVENTS, image_url=paced_images)
+    settings = stream.settings(**PACE)
+    first = start_worker(**settings)
+    read(stream.bootstrap, stream.output_topic, expected=40, timeout_s=60)
+    assert first.stop() == 0, first.log_text()[-3000:]  # SIGTERM: drain, flush, commit
+    stopped = [e for e in first.log_events() if e.get("event") == "worker stopped"]
+    assert stopped and stopped[0]["unfinished"] == 0
+    assert stream.distinct_so_far() < EVENTS, "the stream finished before SIGTERM"
+    second = start_worker(**settings)
+    stream.results(timeout_s=120)
+    assert second.stop() == 0
+    report = stream.report("2. SIGTERM mid-stream", note=f"stopped after {stopped[0]['results']}")
+    assert report.missing == 0
+    assert report.duplicates == 0
+    assert report.order_violations == 0
+    assert stream.committed() == end_offsets(stream.bootstrap, stream.input_topic, 3)
+
+
+def test_exactly_once_with_repeated_sigkills(
+    make_stream: Callable[..., Stream],
+    start_worker: Callable[..., WorkerProcess],
+    face_paths: list[Path],
+    paced_images: str,
+) -> None:
+    stream = make_stream(partitions=3)
+    stream.publish(face_paths, EVENTS, image_url=paced_images)
+    settings = stream.settings(
+        kafka__processing_guarantee="exactly_once",
+        # The same identity across restarts: the new process fences the killed one and
+        # aborts its open transaction at once.
+        kafka__group_instance_id="eos-worker-0",
+        kafka__commit_interval_s="0.3",
+        **PACE,
+    )
+    kills = _run_with_kills(stream, start_worker, settings, kills=3, seed=11)
+    report = stream.report("7. exactly-once, SIGKILL x3", note=f"{kills} kills, read_committed")
+    assert report.missing == 0
+    assert report.duplicates == 0
+    assert report.results == report.produced
+    assert report.order_violations == 0
