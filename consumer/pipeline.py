@@ -21,7 +21,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import structlog
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 
 from consumer.batching import Item, MicroBatcher
 from consumer.committer import CommitError, Committer, OffsetCommitter, TransactionCommitter
@@ -99,6 +106,7 @@ class Worker:
         self._engine_stop = threading.Event()
         self._fatal: str | None = None
         self._paused = False
+        self._assignment_changed = False
         self._last_commit = time.monotonic()
         self._engine_thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
 
@@ -187,14 +195,26 @@ class Worker:
         """Pause or resume the assignment; returns how many more events fit in flight."""
         flow = self.settings.flow
         events, held = self.tracker.in_flight(), self.tracker.bytes_in_flight()
-        if not self._paused and (events >= flow.max_in_flight or held >= flow.max_in_flight_bytes):
-            self._consumer.pause(self._consumer.assignment())
+        was_paused = self._paused
+        if events >= flow.max_in_flight or held >= flow.max_in_flight_bytes:
             self._paused = True
-            log.debug("paused partitions", in_flight=events, bytes_in_flight=held)
-        elif self._paused and events <= flow.resume_below and held < flow.max_in_flight_bytes // 2:
-            self._consumer.resume(self._consumer.assignment())
+        elif events <= flow.resume_below and held < flow.max_in_flight_bytes // 2:
             self._paused = False
-            log.debug("resumed partitions", in_flight=events, bytes_in_flight=held)
+        if self._paused != was_paused or self._assignment_changed:
+            # Re-applied after every rebalance too: newly assigned partitions must follow
+            # the current state.
+            assignment = self._consumer.assignment()
+            if self._paused:
+                self._consumer.pause(assignment)
+            else:
+                self._consumer.resume(assignment)
+            self._assignment_changed = False
+            if self._paused != was_paused:
+                log.debug(
+                    "paused partitions" if self._paused else "resumed partitions",
+                    in_flight=events,
+                    bytes_in_flight=held,
+                )
         return flow.max_in_flight - events
 
     # ---- engine thread ------------------------------------------------------------------
@@ -321,8 +341,9 @@ class Worker:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         for tp in partitions:
             self.tracker.assign((tp.topic, tp.partition))
-        if self._paused:
-            consumer.pause(partitions)
+        # The client assigns them after this callback returns; the next poll-loop turn
+        # pauses or resumes them with the rest.
+        self._assignment_changed = True
         log.info("partitions assigned", partitions=[tp.partition for tp in partitions])
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -338,6 +359,7 @@ class Worker:
         with self._publish_lock:  # after this, nothing more is produced for them
             for tp in revoked:
                 self.tracker.revoke(tp)
+        self._forget_pause(consumer, partitions)
         log.info("partitions revoked", partitions=sorted(p for _, p in revoked))
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
@@ -345,11 +367,21 @@ class Worker:
         with self._publish_lock:
             for tp in partitions:
                 self.tracker.revoke((tp.topic, tp.partition))
+        self._forget_pause(consumer, partitions)
         if self._committer.transactional:
             # The open transaction may hold results of the lost partitions; committing it
             # would be fenced, and aborting it loses results of partitions we still own.
             self._fail("partitions lost in exactly_once mode; restarting from committed offsets")
         log.warning("partitions lost", partitions=[tp.partition for tp in partitions])
+
+    def _forget_pause(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # librdkafka keeps a partition's pause flag after it is unassigned: if this worker
+        # got the partition back later it would stay paused for good. Clear it on the way out.
+        try:
+            consumer.resume(partitions)
+        except KafkaException as exc:
+            log.debug("resume of departing partitions failed", error=str(exc))
+        self._assignment_changed = True
 
     # ---- shutdown -----------------------------------------------------------------------
 

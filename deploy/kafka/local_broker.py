@@ -180,7 +180,10 @@ class LocalKafkaBroker:
                 # "--cluster-id=ID", not "-t ID": a base64 id may start with "-" and would
                 # then be parsed as an option.
                 self._java(
-                    libs, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
+                    libs,
+                    "kafka.tools.StorageTool",
+                    "format",
+                    f"--cluster-id={cluster_id}",
                     f"--config={props}",
                 ),
                 capture_output=True,
@@ -190,6 +193,7 @@ class LocalKafkaBroker:
             if fmt.returncode != 0:
                 raise BrokerError(f"formatting {self.data_dir} failed:\n{fmt.stdout}{fmt.stderr}")
         log = self.log_path.open("ab")
+        log_start = log.tell()  # a restart appends: only this run's lines say it is ready
         # A session of its own: Ctrl-C in the terminal must not kill the broker before the
         # worker has committed; stop() ends it deliberately.
         self._proc = subprocess.Popen(
@@ -199,10 +203,10 @@ class LocalKafkaBroker:
             start_new_session=True,
         )
         log.close()
-        self._wait_ready(timeout_s)
+        self._wait_ready(timeout_s, log_start)
         return self.bootstrap_servers
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def _wait_ready(self, timeout_s: float, log_start: int) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self._proc is not None
@@ -210,7 +214,10 @@ class LocalKafkaBroker:
                 raise BrokerError(
                     f"broker exited with {self._proc.returncode}:\n{self._log_tail()}"
                 )
-            if READY_LINE in self.log_path.read_text(errors="replace") and self._port_open():
+            with self.log_path.open("rb") as log:
+                log.seek(log_start)
+                started = READY_LINE.encode() in log.read()
+            if started and self._port_open():
                 return
             time.sleep(0.2)
         self.stop()
@@ -226,8 +233,11 @@ class LocalKafkaBroker:
             return "(no log)"
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        """SIGTERM (the broker's controlled shutdown), then SIGKILL if it hangs."""
+    def stop(self, timeout_s: float = 30.0, keep_data: bool = False) -> None:
+        """SIGTERM (the broker's controlled shutdown), then SIGKILL if it hangs.
+
+        A broker made without a data_dir deletes its temporary one unless keep_data.
+        """
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -238,7 +248,7 @@ class LocalKafkaBroker:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        if self._own_dir:
+        if self._own_dir and not keep_data:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalKafkaBroker:

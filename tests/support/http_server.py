@@ -9,7 +9,10 @@ from pathlib import Path
 
 
 class ImageServer:
-    """Serves GET /<name> from `root`; /status/<code> answers that code; `delay_s` per request."""
+    """Serves GET /<name> from `root`; `delay_s` per request.
+
+    /status/<code> answers that code; /sleep/<seconds>/<name> waits first.
+    """
 
     def __init__(self, root: Path, delay_s: float = 0.0) -> None:
         self.root = root
@@ -22,6 +25,10 @@ class ImageServer:
                 server.requests += 1
                 if server.delay_s:
                     time.sleep(server.delay_s)
+                if self.path.startswith("/sleep/"):  # /sleep/<seconds>/<name>
+                    _, _, seconds, name = self.path.split("/", 3)
+                    time.sleep(float(seconds))
+                    self.path = "/" + name
                 if self.path.startswith("/status/"):
                     self.send_error(int(self.path.rsplit("/", 1)[1]))
                     return

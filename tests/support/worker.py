@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -55,6 +56,20 @@ class WorkerProcess:
                 raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.log_text()}")
             time.sleep(0.1)
         raise AssertionError(f"worker never logged {text!r}:\n{self.log_text()[-4000:]}")
+
+    def wait_for_event(
+        self, matches: Callable[[dict[str, object]], bool], what: str, timeout_s: float = 90.0
+    ) -> dict[str, object]:
+        """The first JSON log entry for which `matches` holds, waiting up to timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for entry in self.log_events():
+                if matches(entry):
+                    return entry
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited {self.proc.returncode}:\n{self.log_text()}")
+            time.sleep(0.1)
+        raise AssertionError(f"worker never logged {what}:\n{self.log_text()[-4000:]}")
 
     def stop(self, timeout_s: float = 60.0) -> int:
         """SIGTERM and wait: the graceful path (drain, flush, commit)."""
