@@ -139,7 +139,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     worker = Worker(settings, engine)
     stop.on_stop(worker.request_stop)
-    return worker.run()
+    code = worker.run()
+    if not worker.closed_cleanly:
+        # A Kafka client that did not close would also block the interpreter's exit.
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 class StopSignals:

@@ -36,7 +36,7 @@ class Committer(Protocol):
 
     def start(self) -> None: ...
 
-    def commit(self, offsets: Offsets) -> None: ...
+    def commit(self, offsets: Offsets, wait: bool = False) -> None: ...
 
     def abort(self) -> None: ...
 
@@ -51,20 +51,31 @@ def _describe(exc: KafkaException) -> tuple[str, Any]:
 
 
 class OffsetCommitter:
-    """at_least_once: synchronous `Consumer.commit` of acknowledged offsets."""
+    """at_least_once: `Consumer.commit` of acknowledged offsets.
+
+    Periodic commits are asynchronous: a synchronous commit blocks for as long as the
+    group coordinator is unreachable, and the poll loop must keep serving delivery
+    reports meanwhile (that is how a broker outage is noticed). The result arrives in the
+    consumer's on_commit callback; a failed commit is simply sent again next time.
+    """
 
     transactional = False
 
     def __init__(self, consumer: Consumer) -> None:
         self._consumer = consumer
+        self.pending = 0  # asynchronous commits without an on_commit report yet
 
     def start(self) -> None:
         pass
 
-    def commit(self, offsets: Offsets) -> None:
+    def commit(self, offsets: Offsets, wait: bool = False) -> None:
         if not offsets:
             return
         try:
+            if not wait:
+                self._consumer.commit(offsets=_partitions(offsets), asynchronous=True)
+                self.pending += 1
+                return
             self._consumer.commit(offsets=_partitions(offsets), asynchronous=False)
         except KafkaException as exc:
             text, error = _describe(exc)
@@ -101,8 +112,8 @@ class TransactionCommitter:
         self._producer.begin_transaction()
         self._open = True
 
-    def commit(self, offsets: Offsets) -> None:
-        """Commit the open transaction (even with no offsets: dead letters may be in it)."""
+    def commit(self, offsets: Offsets, wait: bool = True) -> None:
+        """Commit the open transaction (always synchronous, bounded by the timeout)."""
         if not self._open:
             raise CommitError("no open transaction", fatal=True)
         try:

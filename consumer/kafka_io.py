@@ -43,7 +43,9 @@ def _check_fixed(overrides: dict[str, Any], fixed: dict[str, Any], section: str)
 
 
 def consumer_config(
-    settings: KafkaSettings, error_cb: Callable[[KafkaError], None] | None = None
+    settings: KafkaSettings,
+    error_cb: Callable[[KafkaError], None] | None = None,
+    on_commit: Callable[[KafkaError | None, list[Any]], None] | None = None,
 ) -> dict[str, Any]:
     """librdkafka consumer settings: ours, then the user's common and consumer overrides."""
     overrides = {**settings.common_config, **settings.consumer_config}
@@ -62,6 +64,8 @@ def consumer_config(
         config["group.instance.id"] = settings.group_instance_id
     if error_cb is not None:
         config["error_cb"] = error_cb
+    if on_commit is not None:
+        config["on_commit"] = on_commit
     return {**config, **overrides, **_CONSUMER_FIXED}
 
 

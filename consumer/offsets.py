@@ -118,6 +118,14 @@ class OffsetTracker:
                 if state is not None:
                     state.committed = offset
 
+    def mark_commit_failed(self, offsets: dict[TopicPartition, int]) -> None:
+        """A commit was refused: those offsets become committable again."""
+        with self._lock:
+            for tp, offset in offsets.items():
+                state = self._partitions.get(tp)
+                if state is not None and state.committed == offset:
+                    state.committed = None
+
     def committed(self) -> dict[TopicPartition, int | None]:
         """The last offset committed per owned partition (None: nothing yet)."""
         with self._lock:

@@ -42,6 +42,8 @@ from consumer.work import FailedEvent, InputRecord, Outcome, PreparedEvent
 
 log = structlog.get_logger("consumer.pipeline")
 
+CLOSE_TIMEOUT_S = 10.0
+
 __all__ = ["Classifier", "Worker", "WorkerStats"]
 
 
@@ -90,7 +92,9 @@ class Worker:
             settings.batch.max_batch_size, settings.batch.max_wait_ms / 1000.0
         )
         self.runner = BatchRunner(engine, kafka.output_topic, kafka.dead_letter_topic)
-        self._consumer = consumer_factory(consumer_config(kafka, error_cb=self._on_client_error))
+        self._consumer = consumer_factory(
+            consumer_config(kafka, error_cb=self._on_client_error, on_commit=self._on_commit)
+        )
         self._producer = producer_factory(producer_config(kafka, error_cb=self._on_client_error))
         self._committer: Committer = (
             TransactionCommitter(self._consumer, self._producer)
@@ -107,6 +111,8 @@ class Worker:
         self._fatal: str | None = None
         self._paused = False
         self._assignment_changed = False
+        self._closing = False
+        self.closed_cleanly = True
         self._last_commit = time.monotonic()
         self._engine_thread = threading.Thread(target=self._engine_loop, name="engine", daemon=True)
 
@@ -304,7 +310,20 @@ class Worker:
         if force or due:
             self._commit()
 
-    def _commit(self, partitions: set[tuple[str, int]] | None = None) -> None:
+    def _on_commit(self, error: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if isinstance(self._committer, OffsetCommitter):
+            self._committer.pending = max(0, self._committer.pending - 1)
+        failed = {
+            (tp.topic, tp.partition): tp.offset
+            for tp in partitions
+            if error is not None or tp.error is not None
+        }
+        if failed:
+            # Sent again with the next commit; nothing is lost, only delayed.
+            self.tracker.mark_commit_failed(failed)
+            log.warning("commit failed; will retry", error=str(error or partitions[0].error))
+
+    def _commit(self, partitions: set[tuple[str, int]] | None = None, wait: bool = False) -> None:
         """Commit what is done; in exactly_once mode, the open transaction with it."""
         if self._fatal is not None:
             return
@@ -319,7 +338,7 @@ class Worker:
             if not offsets and not self._committer.transactional:
                 return
             try:
-                self._committer.commit(offsets)
+                self._committer.commit(offsets, wait=wait)
             except CommitError as exc:
                 if exc.fatal:
                     self._fail(str(exc))
@@ -348,6 +367,12 @@ class Worker:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {(tp.topic, tp.partition) for tp in partitions}
+        if self._closing:
+            # Shutting down: the drain and the final commit already happened, and the
+            # broker may be unreachable, so do not wait or commit again.
+            for tp in revoked:
+                self.tracker.revoke(tp)
+            return
         # Let in-flight events of these partitions finish and be acknowledged, within a
         # bound; what is not done by then is dropped uncommitted for the new owner.
         deadline = time.monotonic() + self.settings.kafka.revoke_timeout_s
@@ -355,7 +380,7 @@ class Worker:
             self._fatal is None and self.tracker.in_flight(revoked) and time.monotonic() < deadline
         ):
             self._producer.poll(0.05)
-        self._commit(revoked)
+        self._commit(revoked, wait=True)  # the coordinator is up: it is running the rebalance
         with self._publish_lock:  # after this, nothing more is produced for them
             for tp in revoked:
                 self.tracker.revoke(tp)
@@ -397,15 +422,29 @@ class Worker:
         if self._fatal is None:
             self._producer.flush(max(1.0, deadline - time.monotonic()))
             self._maybe_commit(force=True)
+            self._await_commits(deadline)
         return self._close(0 if self._fatal is None else 1)
 
+    def _await_commits(self, deadline: float) -> None:
+        """Serve on_commit reports of asynchronous commits until none is pending."""
+        committer = self._committer
+        while isinstance(committer, OffsetCommitter) and committer.pending:
+            if time.monotonic() >= deadline:
+                log.warning("shutting down with an unconfirmed offset commit")
+                return
+            self._consumer.consume(1, timeout=0.05)
+
     def _close(self, code: int) -> int:
+        self._closing = True
         if code != 0:
             self._committer.abort()
             # Undelivered outcomes must not be retried into a partition we no longer own.
             self._producer.purge()
-        self._consumer.close()
-        self._producer.close()
+        # close() leaves the group; with the broker gone it can block for long, and a
+        # pod that must restart should not hang on it.
+        finished = _run_bounded(self._consumer.close, CLOSE_TIMEOUT_S)
+        finished = _run_bounded(self._producer.close, CLOSE_TIMEOUT_S) and finished
+        self.closed_cleanly = finished
         log.info(
             "worker stopped",
             consumed=self.stats.consumed,
@@ -415,5 +454,14 @@ class Worker:
             unfinished=self.tracker.in_flight(),
             failure=self._fatal,
             exit_code=code,
+            closed_cleanly=finished,
         )
         return code
+
+
+def _run_bounded(call: Callable[[], object], timeout_s: float) -> bool:
+    """Run `call` on a daemon thread; False if it did not return within timeout_s."""
+    thread = threading.Thread(target=call, name="kafka-close", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    return not thread.is_alive()
