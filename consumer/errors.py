@@ -13,3 +13,4 @@ class EventError(Exception):
         self.kind: ErrorKind = kind
         self.message = message
         self.retriable = retriable
+        self.attempts = 1

@@ -29,6 +29,7 @@ def fetch_with_retries(uri: str, settings: FetchSettings) -> tuple[bytes, int]:
         except EventError as exc:
             if not exc.retriable or attempt > settings.retries:
                 exc.message = f"{exc.message} (after {attempt} attempt(s))"
+                exc.attempts = attempt
                 raise
             time.sleep(settings.retry_backoff_s * 2 ** (attempt - 1))
 
@@ -110,10 +111,11 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             image = ImageOps.exif_transpose(opened)
     except EventError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        # Pillow's own guard fired (at open, before our check): the same verdict.
+        raise EventError("image_too_large", f"image is a decompression bomb: {exc}") from exc
     except (
         UnidentifiedImageError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
         OSError,
         SyntaxError,
         ValueError,

@@ -299,7 +299,8 @@ class Worker:
         if error.fatal():
             self._fail(f"fatal Kafka client error: {error}")
         else:
-            log.warning("kafka client error", error=str(error), code=error.name())
+            # librdkafka's own log line (through CLIENT_LOGGER) already says it at warning.
+            log.debug("kafka client error", error=str(error), code=error.name())
 
     def _maybe_commit(self, force: bool = False) -> None:
         kafka = self.settings.kafka

@@ -61,7 +61,9 @@ def prepare_event(
         boxes = face_boxes(image, event.faces)
         return PreparedEvent(record, event, boxes, crop_faces(image, boxes), attempts)
     except EventError as exc:
-        return FailedEvent(record, exc.kind, exc.message, attempts, event.event_id)
+        return FailedEvent(
+            record, exc.kind, exc.message, max(attempts, exc.attempts), event.event_id
+        )
     except Exception as exc:  # a bug or a hostile file must not take the worker down
         return FailedEvent(
             record, "image_undecodable", f"{type(exc).__name__}: {exc}", attempts, event.event_id

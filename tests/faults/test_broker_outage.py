@@ -55,6 +55,9 @@ def test_broker_outage_longer_than_retry_window(
     settings = stream.settings(
         kafka__bootstrap_servers=own_broker.bootstrap_servers,
         kafka__producer_config=f'{{"message.timeout.ms": {RETRY_WINDOW_MS}}}',
+        # The failed worker could not tell the (stopped) broker that it left; the group
+        # waits one session timeout for it before the restarted worker gets partitions.
+        kafka__consumer_config='{"session.timeout.ms": 6000}',
         batch__max_batch_size="4",
         fetch__threads="1",
     )

@@ -115,6 +115,7 @@ def test_http_5xx_is_retried_then_reported(served: ImageServer) -> None:
         fetch_with_retries(f"{served.url}/status/503", settings)
     assert info.value.kind == "image_fetch_failed"
     assert "after 3 attempt(s)" in info.value.message
+    assert info.value.attempts == 3
     assert served.requests == 3
 
 
@@ -156,3 +157,11 @@ def test_connection_refused_is_retriable() -> None:
     with pytest.raises(EventError) as info:
         fetch_bytes(f"http://127.0.0.1:{port}/x.png", FetchSettings(timeout_s=2))
     assert info.value.kind == "image_fetch_failed" and info.value.retriable
+
+
+def test_pillow_bomb_guard_is_image_too_large() -> None:
+    from tests.faults.test_poison import bomb_png
+
+    with pytest.raises(EventError) as info:
+        decode_image(bomb_png(), max_pixels=10**12)  # our cap is off; Pillow's fires
+    assert info.value.kind == "image_too_large"
