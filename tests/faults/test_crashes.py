@@ -54,6 +54,9 @@ def test_repeated_sigkill_loses_nothing(
         flow__resume_below="16",
         kafka__commit_every=str(COMMIT_EVERY),
         kafka__commit_interval_s="0.5",
+        # Dynamic membership here (scenario 7 uses static): a killed member holds its
+        # partitions until its session times out, so keep that short.
+        kafka__consumer_config='{"session.timeout.ms": 6000}',
         **PACE,
     )
     kills = _run_with_kills(stream, start_worker, settings, kills=3, seed=7)
