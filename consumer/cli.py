@@ -6,6 +6,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -131,9 +132,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     configure_logging(settings.log)
     log = get_logger("consumer.cli")
     log.info("effective config", config=masked_settings(settings))
+    started = time.perf_counter()
     engine = EmotionEngine.load(settings.model, max_batch_size=settings.batch.max_batch_size)
-    engine.warm_up()
-    log.info("model ready", model_id=engine.model_id, device=str(engine.device))
+    loaded = time.perf_counter()
+    engine.warm_up()  # compiles every batch bucket; the worker consumes only after this
+    log.info(
+        "model ready",
+        model_id=engine.model_id,
+        device=str(engine.device),
+        dtype=str(engine.dtype).removeprefix("torch."),
+        compiled=engine.compiled,
+        buckets=list(engine.buckets),
+        fp8_layers=engine.fp8_layers,
+        load_s=round(loaded - started, 2),
+        warm_up_s=round(time.perf_counter() - loaded, 2),
+    )
     if stop.requested:
         log.info("stopped before consuming anything")
         return 0

@@ -75,6 +75,16 @@ class ModelSettings(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     model_id: str | None = None  # written into results; defaults to the folder name
+    # Where resize/crop/normalise run: "device" (batched torch ops on the model's device,
+    # reproducing the checkpoint's preprocessor config) or "processor" (the checkpoint's
+    # own Hugging Face image processor on the CPU, the reference).
+    preprocess: Literal["device", "processor"] = "device"
+    # torch.compile of the language model over batch-size buckets: "auto" compiles on
+    # CUDA only; "on" forces it (slow to warm up on CPU); "off" never.
+    compile: Literal["auto", "on", "off"] = "auto"
+    # Weight-and-activation FP8 (e4m3, rowwise scales) for the language model's linear
+    # layers; needs a GPU of compute capability 8.9+ (Hopper, Ada) and is off by default.
+    fp8: bool = False
 
     @model_validator(mode="after")
     def _check_labels(self) -> ModelSettings:

@@ -10,7 +10,9 @@ import torch
 from PIL import Image
 
 from consumer.config import ModelSettings
+from consumer.engine.fastpath import LabelScorer
 from consumer.engine.loader import LoadedCheckpoint, ModelLoadError, load_checkpoint
+from consumer.engine.preprocess import DevicePreprocessor, ProcessorSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +44,7 @@ class EmotionEngine:
         *,
         max_batch_size: int = 16,
     ) -> None:
-        """Prepare the cached prompt and label tokens; prefer EmotionEngine.load()."""
+        """Prepare the cached prompt, label tokens and fast path; prefer EmotionEngine.load()."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.labels: tuple[str, ...] = settings.labels
@@ -55,11 +57,27 @@ class EmotionEngine:
         words = settings.words
         self.prompt_text: str = settings.prompt.format(labels=", ".join(words))
         self._prompt = _encode_prompt(checkpoint, self.prompt_text)
-        token_ids = label_token_ids(
+        self.label_sequences = label_sequences(
             checkpoint.processor.tokenizer, self.prompt_text, settings.labels, words
         )
-        self.label_token_ids: tuple[int, ...] = tuple(token_ids)
-        self._label_index = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        self.label_token_ids: tuple[int, ...] = tuple(seq[0] for seq in self.label_sequences)
+        self._device_preprocess = (
+            DevicePreprocessor(
+                ProcessorSpec.from_image_processor(self._image_processor), self.device, self.dtype
+            )
+            if settings.preprocess == "device"
+            else None
+        )
+        self.fp8_layers = _apply_fp8(self.model, self.device) if settings.fp8 else 0
+        self._scorer = LabelScorer(self.model, self._prompt.input_ids, self.label_sequences)
+        self.compiled = settings.compile == "on" or (
+            settings.compile == "auto" and self.device.type == "cuda"
+        )
+        # Compiled code is specialised per shape: batches are padded up to a few buckets.
+        self.buckets: tuple[int, ...] = _buckets(max_batch_size) if self.compiled else ()
+        self._forward: Any = (
+            torch.compile(self._scorer, dynamic=False) if self.compiled else self._scorer
+        )
 
     @classmethod
     def load(cls, settings: ModelSettings, *, max_batch_size: int = 16) -> EmotionEngine:
@@ -72,10 +90,11 @@ class EmotionEngine:
         return self._prompt.image_tokens
 
     def warm_up(self) -> None:
-        """Run one full dummy batch so kernels and memory are ready before real traffic."""
+        """Run every batch shape once so kernels (and compiled graphs) are ready."""
         height, width = self._prompt.pixel_shape[-2:]
         blank = Image.new("RGB", (width, height), (128, 128, 128))
-        self.classify([blank] * self.max_batch_size)
+        for size in self.buckets or (self.max_batch_size,):
+            self.classify([blank] * size)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -92,32 +111,27 @@ class EmotionEngine:
         """(faces, labels) float64 probabilities on the CPU."""
         pixel_values = self._pixel_values(faces)
         count = pixel_values.shape[0]
+        bucket = next((b for b in self.buckets if b >= count), count)
+        if bucket > count:  # repeat a real face: padding rows are computed, then dropped
+            pad = pixel_values[:1].expand(bucket - count, -1, -1, -1)
+            pixel_values = torch.cat([pixel_values, pad])
         with torch.inference_mode():
-            output = self.model(
-                # expand() repeats the cached prompt without copying it.
-                input_ids=self._prompt.input_ids.expand(count, -1),
-                attention_mask=self._prompt.attention_mask.expand(count, -1),
-                pixel_values=pixel_values,
-                # Only the last position's logits are needed: skips the lm_head over the
-                # whole sequence, by far the largest matmul for a real vocabulary.
-                logits_to_keep=1,
-                use_cache=False,
-            )
-            logits = output.logits[:, -1, :].index_select(-1, self._label_index)
+            scores = self._forward(pixel_values)[:count]
             # float64 so the probabilities sum to 1 within 1e-9 even from bfloat16 logits.
-            probabilities: torch.Tensor = logits.double().softmax(dim=-1).cpu()
+            probabilities: torch.Tensor = scores.double().softmax(dim=-1).cpu()
             return probabilities
 
     def _pixel_values(self, faces: Sequence[Image.Image]) -> torch.Tensor:
-        rgb = [_as_rgb(face) for face in faces]
-        pixel_values: torch.Tensor = self._image_processor(images=rgb, return_tensors="pt")[
-            "pixel_values"
-        ]
+        if self._device_preprocess is not None:
+            pixel_values = self._device_preprocess(faces)
+        else:
+            rgb = [_as_rgb(face) for face in faces]
+            pixel_values = self._image_processor(images=rgb, return_tensors="pt")["pixel_values"]
         if tuple(pixel_values.shape[1:]) != self._prompt.pixel_shape:
             # The cached prompt holds a fixed number of image tokens; another image size
             # would need another count, which a fixed-size (center-crop) processor never makes.
             raise RuntimeError(
-                f"image processor made pixel_values of shape {tuple(pixel_values.shape[1:])}, "
+                f"preprocessing made pixel_values of shape {tuple(pixel_values.shape[1:])}, "
                 f"but the prompt was built for {self._prompt.pixel_shape}"
             )
         return pixel_values.to(self.device, dtype=self.dtype, non_blocking=True)
@@ -129,6 +143,27 @@ class EmotionEngine:
             confidence=row[best],
             scores=dict(zip(self.labels, row, strict=True)),
         )
+
+
+def _buckets(max_batch_size: int) -> tuple[int, ...]:
+    """Powers of two below max_batch_size, and max_batch_size: at most 2x padding."""
+    sizes = {max_batch_size}
+    size = 1
+    while size < max_batch_size:
+        sizes.add(size)
+        size *= 2
+    return tuple(sorted(sizes))
+
+
+def _apply_fp8(model: Any, device: torch.device) -> int:
+    from consumer.engine.fp8 import fp8_supported, quantize_language_model
+
+    if not fp8_supported(device):
+        raise ModelLoadError(
+            f"model.fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper); "
+            f"this worker runs on {device}. Set model.fp8 = false"
+        )
+    return quantize_language_model(model)
 
 
 def _as_rgb(face: Image.Image) -> Image.Image:
@@ -162,44 +197,52 @@ def _encode_prompt(checkpoint: LoadedCheckpoint, prompt_text: str) -> _Prompt:
     )
 
 
+def label_sequences(
+    tokenizer: Any, prompt_text: str, labels: Sequence[str], words: Sequence[str]
+) -> list[list[int]]:
+    """The tokens the model would generate for each answer word right after the prompt.
+
+    Raises ModelLoadError if a word is unknown or two labels have the same tokens. Labels
+    that only share a first token are fine: the engine then scores whole sequences.
+    """
+    prompt_ids: list[int] = tokenizer(prompt_text)["input_ids"]
+    specials = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
+    owners: dict[tuple[int, ...], str] = {}
+    sequences: list[list[int]] = []
+    for label, word in zip(labels, words, strict=True):
+        # Tokenizing prompt + " word" (not the bare word) gives the tokens as they follow
+        # the prompt, e.g. "▁happy" for Llama's sentencepiece rather than "happy".
+        full_ids: list[int] = tokenizer(f"{prompt_text} {word}")["input_ids"]
+        start = _first_new_token(prompt_ids, full_ids, word, specials)
+        sequence = [t for t in full_ids[start:] if t not in specials]
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in sequence:
+            raise ModelLoadError(
+                f"answer word {word!r} is unknown to the tokenizer; choose "
+                "model.answer_words from the model's vocabulary"
+            )
+        key = tuple(sequence)
+        if key in owners:
+            raise ModelLoadError(
+                f"labels {owners[key]!r} and {label!r} have the same tokens "
+                f"{tokenizer.convert_ids_to_tokens(sequence)}, so the model cannot tell "
+                "them apart; choose distinct model.answer_words"
+            )
+        owners[key] = label
+        sequences.append(sequence)
+    return sequences
+
+
 def label_token_ids(
     tokenizer: Any, prompt_text: str, labels: Sequence[str], words: Sequence[str]
 ) -> list[int]:
-    """The first token the model would generate for each answer word right after the prompt.
-
-    Raises ModelLoadError if two labels start with the same token or a word is unknown.
-    """
-    prompt_ids: list[int] = tokenizer(prompt_text)["input_ids"]
-    # <unk> counts as a word token here: unknown words are reported below, not as "no token".
-    specials = set(tokenizer.all_special_ids) - {tokenizer.unk_token_id}
-    owners: dict[int, str] = {}
-    token_ids: list[int] = []
-    for label, word in zip(labels, words, strict=True):
-        # Tokenizing prompt + " word" (not the bare word) gives the token as it follows the
-        # prompt, e.g. "▁happy" for Llama's sentencepiece rather than "happy".
-        full_ids: list[int] = tokenizer(f"{prompt_text} {word}")["input_ids"]
-        token_id = _first_new_token(prompt_ids, full_ids, word, specials)
-        if token_id in owners:
-            token = tokenizer.convert_ids_to_tokens(token_id)
-            raise ModelLoadError(
-                f"labels {owners[token_id]!r} and {label!r} both start with the token "
-                f"{token!r} (id {token_id}), so the model cannot tell them apart; choose "
-                "distinct model.answer_words"
-            )
-        owners[token_id] = label
-        token_ids.append(token_id)
-    unknown = [w for w, t in zip(words, token_ids, strict=True) if t == tokenizer.unk_token_id]
-    if unknown:
-        raise ModelLoadError(
-            f"answer words {unknown} are unknown to the tokenizer; choose model.answer_words "
-            "from the model's vocabulary"
-        )
-    return token_ids
+    """The first token of each label's sequence (see label_sequences)."""
+    return [seq[0] for seq in label_sequences(tokenizer, prompt_text, labels, words)]
 
 
 def _first_new_token(
     prompt_ids: list[int], full_ids: list[int], word: str, specials: set[int]
 ) -> int:
+    """Index in full_ids of the first token after the prompt."""
     # Trailing special tokens (an EOS some tokenizers append) may differ; the rest must not.
     core = len(prompt_ids)
     while core and prompt_ids[core - 1] in specials:
@@ -218,4 +261,4 @@ def _first_new_token(
         )
     if shared >= len(full_ids) or full_ids[shared] in specials:
         raise ModelLoadError(f"answer word {word!r} adds no token after model.prompt; fix it")
-    return full_ids[shared]
+    return shared

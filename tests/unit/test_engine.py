@@ -107,9 +107,18 @@ def test_rejects_non_images(engine: EmotionEngine) -> None:
 
 
 def test_one_pass_matches_full_processor_forward(
-    engine: EmotionEngine, tiny_checkpoint: Path, faces: list[Image.Image]
+    tiny_checkpoint: Path, faces: list[Image.Image]
 ) -> None:
-    """Cached prompt ids + logits_to_keep=1 == processor(text, images) + a full forward."""
+    """The fast path (cached prompt embeddings, truncated vision tower, label rows of
+    lm_head only) == processor(text, images) + the full Hugging Face forward.
+
+    The checkpoint's own image processor is used on both sides here, so that this test
+    pins the model math; tests/unit/test_preprocess.py covers device preprocessing.
+    """
+    engine = EmotionEngine.load(
+        ModelSettings(path=tiny_checkpoint, device="cpu", preprocess="processor"),
+        max_batch_size=4,
+    )
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     load_processor: Any = AutoProcessor.from_pretrained  # transformers' loaders are untyped
@@ -222,13 +231,14 @@ def test_cuda_without_gpu(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 def test_duplicate_answer_words(tiny_checkpoint: Path) -> None:
     words = ("happy", "happy", "fearful", "angry", "neutral", "sad", "surprised")
     message = _load_error(tiny_checkpoint, answer_words=words)
-    assert "'angry' and 'disgusted'" in message and "distinct model.answer_words" in message
+    assert "'angry' and 'disgusted' have the same tokens" in message
+    assert "distinct model.answer_words" in message
 
 
 def test_unknown_words_collide_on_unk(tiny_checkpoint: Path) -> None:
     words = ("zorn", "ekel", "angst", "freude", "ruhe", "trauer", "staunen")
     message = _load_error(tiny_checkpoint, answer_words=words)
-    assert "both start with the token '<unk>'" in message
+    assert "'zorn' is unknown to the tokenizer" in message
 
 
 def test_single_unknown_word(tiny_checkpoint: Path) -> None:

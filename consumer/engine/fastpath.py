@@ -1,0 +1,149 @@
+"""LLaVA from pixel values to label scores in one pass, without wasted work.
+
+Compared with calling `LlavaForConditionalGeneration.forward`:
+- the vision tower stops at the layer LLaVA reads (`vision_feature_layer`, -2 for
+  LLaVA-1.5): the layers after it are removed from the loaded model at start-up;
+- the prompt's token embeddings are computed once; per batch only the image features are
+  spliced in at the (contiguous) image-token positions;
+- the attention mask is left out (the prompt has no padding), so attention runs its causal
+  fast path;
+- only the last position's hidden state is projected, and only onto the label tokens'
+  rows of `lm_head` (7 rows instead of a 32k vocabulary).
+
+When two labels share a first token, each label's whole token sequence is scored instead
+(its summed log-probability after the prompt), with one batched pass over the label
+continuations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from consumer.engine.loader import ModelLoadError
+
+
+def _vision_layers(vision_tower: Any) -> Any:
+    """The encoder's layer list (CLIP: vision_tower[.vision_model].encoder.layers)."""
+    inner = getattr(vision_tower, "vision_model", vision_tower)
+    encoder = getattr(inner, "encoder", None)
+    layers = getattr(encoder, "layers", None)
+    if layers is None:
+        raise ModelLoadError(
+            "the vision tower is not CLIP-like (no encoder.layers); set model.compile = "
+            '"off" and model.preprocess = "processor" is not enough: this model type is '
+            "not supported"
+        )
+    return encoder
+
+
+def truncate_vision_tower(model: Any) -> int:
+    """Drop vision layers after the one LLaVA uses; returns how many layers remain."""
+    config = model.config
+    feature_layer = config.vision_feature_layer
+    if not isinstance(feature_layer, int):
+        raise ModelLoadError(f"vision_feature_layer={feature_layer!r}: only one layer is supported")
+    encoder = _vision_layers(model.model.vision_tower)
+    total = len(encoder.layers)
+    # hidden_states[0] is the embedding output, hidden_states[k] the output of layer k.
+    keep = feature_layer if feature_layer >= 0 else total + 1 + feature_layer
+    if not 0 < keep <= total:
+        raise ModelLoadError(f"vision_feature_layer={feature_layer} is outside 0..{total}")
+    encoder.layers = encoder.layers[:keep]
+    return keep
+
+
+class LabelScorer:
+    """Pixel values (B, 3, H, W) -> label log-scores (B, L); softmax them for probabilities."""
+
+    def __init__(
+        self,
+        model: Any,
+        input_ids: torch.Tensor,
+        label_sequences: Sequence[Sequence[int]],
+    ) -> None:
+        self.model = model
+        self.language_model = model.model.language_model
+        self.vision_tower = model.model.vision_tower
+        self.projector = model.model.multi_modal_projector
+        self.strategy = model.config.vision_feature_select_strategy
+        truncate_vision_tower(model)
+        ids = input_ids[0]
+        positions = (ids == model.config.image_token_id).nonzero().flatten()
+        start, end = int(positions[0]), int(positions[-1]) + 1
+        if end - start != len(positions):
+            raise ModelLoadError("the image tokens in the prompt are not contiguous")
+        self.image_slice = (start, end)
+        with torch.inference_mode():
+            embeds = model.get_input_embeddings()(input_ids)
+        # Kept outside inference mode so that torch.compile can trace through them.
+        self.prefix = embeds[:, :start].clone()
+        self.suffix = embeds[:, end:].clone()
+        self.first_token_only = len({seq[0] for seq in label_sequences}) == len(label_sequences)
+        head = model.lm_head
+        self._head_weight = head.weight
+        self._head_bias = getattr(head, "bias", None)
+        first = torch.tensor([seq[0] for seq in label_sequences], device=input_ids.device)
+        self.label_rows = head.weight.index_select(0, first).detach().clone()
+        self.label_bias = None if self._head_bias is None else self._head_bias[first].clone()
+        self.sequences = [list(seq) for seq in label_sequences]
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        hidden = self.vision_tower(pixel_values).last_hidden_state
+        if self.strategy == "default":
+            hidden = hidden[:, 1:]  # drop CLS, as LLaVA's "default" strategy does
+        features: torch.Tensor = self.projector(hidden)
+        return features
+
+    def prompt_embeddings(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        features = self.image_features(pixel_values).to(self.prefix.dtype)
+        batch = features.shape[0]
+        return torch.cat(
+            [self.prefix.expand(batch, -1, -1), features, self.suffix.expand(batch, -1, -1)],
+            dim=1,
+        )
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        embeds = self.prompt_embeddings(pixel_values)
+        if not self.first_token_only:
+            return self._sequence_scores(embeds)
+        output = self.language_model(inputs_embeds=embeds, use_cache=False)
+        last: torch.Tensor = output.last_hidden_state[:, -1]
+        logits: torch.Tensor = last @ self.label_rows.T
+        if self.label_bias is not None:
+            logits = logits + self.label_bias
+        return logits.float()
+
+    def _sequence_scores(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Summed log-probability of each label's tokens after the prompt: (B, L)."""
+        batch, labels = embeds.shape[0], len(self.sequences)
+        longest = max(len(seq) for seq in self.sequences)
+        device = embeds.device
+        tokens = torch.zeros((labels, longest), dtype=torch.long, device=device)
+        valid = torch.zeros((labels, longest), dtype=torch.bool, device=device)
+        for row, seq in enumerate(self.sequences):
+            tokens[row, : len(seq)] = torch.tensor(seq, device=device)
+            valid[row, : len(seq)] = True
+        # Inputs: prompt + label tokens except the last; padding at the end cannot affect
+        # earlier positions under causal attention, and padded positions are masked out.
+        continuation = self.model.get_input_embeddings()(tokens[:, :-1]).to(embeds.dtype)
+        prompt_len = embeds.shape[1]
+        full = torch.cat(
+            [
+                embeds.repeat_interleave(labels, dim=0),
+                continuation.repeat(batch, 1, 1),
+            ],
+            dim=1,
+        )
+        hidden = self.language_model(inputs_embeds=full, use_cache=False).last_hidden_state
+        predicting: torch.Tensor = hidden[:, prompt_len - 1 :]  # positions of label tokens
+        logits: torch.Tensor = predicting @ self._head_weight.T
+        if self._head_bias is not None:
+            logits = logits + self._head_bias
+        logprobs = logits.float().log_softmax(dim=-1)
+        picked = logprobs.gather(-1, tokens.repeat(batch, 1).unsqueeze(-1)).squeeze(-1)
+        picked = picked.masked_fill(~valid.repeat(batch, 1), 0.0)
+        totals: torch.Tensor = picked.sum(dim=-1).view(batch, labels)
+        return totals
