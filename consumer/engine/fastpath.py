@@ -46,11 +46,19 @@ def truncate_vision_tower(model: Any) -> int:
     if not isinstance(feature_layer, int):
         raise ModelLoadError(f"vision_feature_layer={feature_layer!r}: only one layer is supported")
     encoder = _vision_layers(model.model.vision_tower)
-    total = len(encoder.layers)
+    # The config keeps the full depth, so the cut is decided from it: cutting an already
+    # cut tower (a second engine over the same model) changes nothing.
+    total = int(model.config.vision_config.num_hidden_layers)
     # hidden_states[0] is the embedding output, hidden_states[k] the output of layer k.
     keep = feature_layer if feature_layer >= 0 else total + 1 + feature_layer
     if not 0 < keep <= total:
         raise ModelLoadError(f"vision_feature_layer={feature_layer} is outside 0..{total}")
+    if len(encoder.layers) not in (keep, total):
+        raise ModelLoadError(
+            f"the vision tower has {len(encoder.layers)} layers; expected {total} (or {keep})"
+        )
+    # After this the model's own forward()/generate() read the wrong vision layer: the
+    # engine owns the model it is given.
     encoder.layers = encoder.layers[:keep]
     return keep
 

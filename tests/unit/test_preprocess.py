@@ -163,3 +163,14 @@ def test_vision_tower_stops_at_the_feature_layer(tiny_checkpoint: Path) -> None:
     layers = getattr(layers, "vision_model", layers).encoder.layers
     assert engine.model.config.vision_feature_layer == -2
     assert len(layers) == engine.model.config.vision_config.num_hidden_layers - 1
+
+
+def test_two_engines_over_one_model(tiny_checkpoint: Path, many_faces: list[Image.Image]) -> None:
+    from consumer.engine.loader import load_checkpoint
+
+    settings = ModelSettings(path=tiny_checkpoint, device="cpu")
+    checkpoint = load_checkpoint(settings)
+    first = EmotionEngine(checkpoint, settings)
+    second = EmotionEngine(checkpoint, settings)  # the vision tower is cut only once
+    a, b = first.classify(many_faces[:3]), second.classify(many_faces[:3])
+    assert [x.scores for x in a] == [y.scores for y in b]
