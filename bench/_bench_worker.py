@@ -66,7 +66,7 @@ def _broker(bootstrap: str | None) -> Iterator[str]:
 def worker_row(bench: Bench, batch: int, events: int, bootstrap: str | None) -> Row:
     """Events/s of Worker(settings, engine).run() with eager settings at `batch`."""
     from consumer.config import LogSettings, load_settings
-    from consumer.kafka_io import ensure_topics
+    from consumer.kafka_io import ensure_topics, run_topics
     from consumer.logs import configure_logging
     from consumer.pipeline import Worker
 
@@ -76,11 +76,7 @@ def worker_row(bench: Bench, batch: int, events: int, bootstrap: str | None) -> 
     engine = EmotionEngine(bench.checkpoint, model_settings, max_batch_size=batch)
     engine.warm_up()
     run_id = uuid.uuid4().hex[:8]
-    topics = {
-        "input_topic": f"bench-frames-{run_id}",
-        "output_topic": f"bench-emotions-{run_id}",
-        "dead_letter_topic": f"bench-dead-letters-{run_id}",
-    }
+    topics = run_topics("bench", run_id)
     with _broker(bootstrap) as servers:
         ensure_topics(servers, topics.values(), partitions=2)
         sent = _publish(servers, topics["input_topic"], bench, events)

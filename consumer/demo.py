@@ -15,7 +15,7 @@ from confluent_kafka import Consumer, Producer
 
 from consumer.config import LogSettings, load_settings
 from consumer.event_source import frame_events
-from consumer.kafka_io import CLIENT_LOGGER, ensure_topics
+from consumer.kafka_io import CLIENT_LOGGER, ensure_topics, run_topics
 from consumer.logs import configure_logging
 from schemas import DeadLetter, EmotionResult
 
@@ -141,11 +141,7 @@ def run_demo(
     # A fresh broker answers "coordinator load in progress" for a moment; not worth showing.
     logging.getLogger("librdkafka").setLevel(logging.ERROR)
     run_id = uuid.uuid4().hex[:8]
-    topics = {
-        "input_topic": f"demo-frames-{run_id}",
-        "output_topic": f"demo-emotions-{run_id}",
-        "dead_letter_topic": f"demo-dead-letters-{run_id}",
-    }
+    topics = run_topics("demo", run_id)
     with _broker(bootstrap_servers) as bootstrap:
         ensure_topics(bootstrap, topics.values(), partitions=2)
         settings = load_settings(

@@ -114,6 +114,15 @@ def to_record(message: Message) -> InputRecord:
     )
 
 
+def run_topics(prefix: str, run_id: str) -> dict[str, str]:
+    """Input, output and dead-letter topic names of one demo or benchmark run."""
+    return {
+        "input_topic": f"{prefix}-frames-{run_id}",
+        "output_topic": f"{prefix}-emotions-{run_id}",
+        "dead_letter_topic": f"{prefix}-dead-letters-{run_id}",
+    }
+
+
 def ensure_topics(
     bootstrap_servers: str,
     topics: Iterable[str],
