@@ -7,6 +7,8 @@ names, for example ``EMOTION_WORKER_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -28,6 +30,10 @@ FER_LABELS: tuple[str, ...] = (
 DEFAULT_PROMPT = (
     "USER: <image>\nWhich emotion does this face show? Answer with one word: {labels}. ASSISTANT:"
 )
+
+
+# A DNS name: dot-separated labels of letters, digits and hyphens (a trailing dot is fine).
+_HOSTNAME = re.compile(r"(?=.{1,253}\.?$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?\.?)+")
 
 
 class ConfigError(ValueError):
@@ -120,6 +126,41 @@ class FetchSettings(_Section):
     # Retriable failures (timeouts, connection errors, 5xx) are tried this many extra times.
     retries: int = Field(default=2, ge=0, le=10)
     retry_backoff_s: float = Field(default=0.2, ge=0, le=30)
+    # Redirects are followed by the worker itself, each hop checked like the first URL.
+    max_redirects: int = Field(default=3, ge=0, le=20)
+    # http(s) fetches refuse hosts that resolve to loopback, private, link-local (cloud
+    # metadata), CGNAT, multicast or reserved addresses. Entries here are trusted anyway:
+    # a hostname ("images.internal"), an address ("127.0.0.1") or a network ("10.0.0.0/8").
+    allow_hosts: tuple[str, ...] = ()
+    # None: file:// may read any path (for development and the demo). A tuple: only files
+    # whose real path (symlinks and ".." resolved) lies under one of these folders.
+    file_roots: tuple[Path, ...] | None = None
+    # data: URIs carry the image in the event itself; the event-size cap
+    # (flow.max_event_bytes) applies first, so the effective cap is the smaller one.
+    max_data_uri_bytes: int = Field(default=1024 * 1024, ge=1)
+
+    @field_validator("allow_hosts")
+    @classmethod
+    def _check_allow_hosts(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            try:
+                ipaddress.ip_network(entry.strip("[]"), strict=False)
+            except ValueError:
+                if not _HOSTNAME.fullmatch(entry):
+                    raise ValueError(
+                        f"fetch.allow_hosts entry {entry!r} is neither a hostname nor an "
+                        "address or CIDR network (e.g. 'images.internal', '10.0.0.0/8')"
+                    ) from None
+        return value
+
+    @field_validator("file_roots")
+    @classmethod
+    def _check_file_roots(cls, value: tuple[Path, ...] | None) -> tuple[Path, ...] | None:
+        if value is not None:
+            for root in value:
+                if not root.is_absolute():
+                    raise ValueError(f"fetch.file_roots entry {str(root)!r} must be absolute")
+        return value
 
 
 class FlowSettings(_Section):

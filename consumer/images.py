@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
+import os
 import time
-import urllib.error
-import urllib.request
 import warnings
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -14,9 +15,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from consumer.config import FetchSettings
 from consumer.errors import EventError
+from consumer.http_fetch import fetch_http
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
-_READ_CHUNK = 64 * 1024
 
 
 def fetch_with_retries(uri: str, settings: FetchSettings) -> tuple[bytes, int]:
@@ -38,14 +39,27 @@ def fetch_bytes(uri: str, settings: FetchSettings) -> bytes:
     """One attempt at reading the image, capped at settings.max_bytes."""
     scheme = urlsplit(uri).scheme
     if scheme == "file":
-        return _read_file(uri, settings.max_bytes)
+        return _read_file(uri, settings)
     if scheme in ("http", "https"):
-        return _read_http(uri, settings)
+        return fetch_http(uri, settings)
+    if scheme == "data":
+        return _read_data(uri, min(settings.max_data_uri_bytes, settings.max_bytes))
     raise EventError("invalid_event", f"image: scheme {scheme!r} is not supported")
 
 
-def _read_file(uri: str, max_bytes: int) -> bytes:
+def _read_file(uri: str, settings: FetchSettings) -> bytes:
+    max_bytes = settings.max_bytes
     path = Path(unquote(urlsplit(uri).path))
+    if settings.file_roots is not None:
+        # The real path: ".." and symlinks must not lead out of the configured roots.
+        real = Path(os.path.realpath(path))
+        if not any(real.is_relative_to(os.path.realpath(root)) for root in settings.file_roots):
+            raise EventError(
+                "image_fetch_refused",
+                f"image fetch refused: file {path} (really {real}) is outside fetch.file_roots; "
+                "add its folder to fetch.file_roots if it is meant to be readable",
+            )
+        path = real  # open what was checked, not the name that might be swapped meanwhile
     try:
         with path.open("rb") as handle:
             data = handle.read(max_bytes + 1)
@@ -60,38 +74,21 @@ def _read_file(uri: str, max_bytes: int) -> bytes:
     return data
 
 
-def _read_http(uri: str, settings: FetchSettings) -> bytes:
-    request = urllib.request.Request(uri, headers={"User-Agent": "emotion-worker/0.1"})
-    deadline = time.monotonic() + settings.timeout_s
+def _read_data(uri: str, max_bytes: int) -> bytes:
+    """The bytes of a data:[<type>];base64,<payload> URI, decoded strictly."""
+    meta, comma, payload = uri[len("data:") :].partition(",")
+    if not comma or not meta.lower().endswith(";base64"):
+        raise EventError("image_undecodable", "image: only data:<type>;base64,<data> URIs work")
+    # Checked before decoding: 4 base64 characters carry 3 bytes.
+    if len(payload) // 4 * 3 > max_bytes:
+        raise EventError(
+            "image_too_large",
+            f"image data URI is over {max_bytes} bytes (fetch.max_data_uri_bytes, fetch.max_bytes)",
+        )
     try:
-        with urllib.request.urlopen(request, timeout=settings.timeout_s) as response:
-            chunks: list[bytes] = []
-            size = 0
-            # The cap is enforced while reading: Content-Length may be absent or a lie.
-            while chunk := response.read(_READ_CHUNK):
-                size += len(chunk)
-                if size > settings.max_bytes:
-                    raise EventError("image_too_large", f"{uri} is over {settings.max_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise EventError(
-                        "image_fetch_failed",
-                        f"{uri} took over {settings.timeout_s}s",
-                        retriable=True,
-                    )
-                chunks.append(chunk)
-            return b"".join(chunks)
-    except urllib.error.HTTPError as exc:
-        if exc.code in (404, 410):
-            raise EventError("image_not_found", f"{uri} answered HTTP {exc.code}") from exc
-        retriable = exc.code >= 500 or exc.code in (408, 429)
-        raise EventError(
-            "image_fetch_failed", f"{uri} answered HTTP {exc.code}", retriable=retriable
-        ) from exc
-    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise EventError(
-            "image_fetch_failed", f"{uri} could not be fetched: {reason}", retriable=True
-        ) from exc
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise EventError("image_undecodable", f"image data URI is not valid base64: {exc}") from exc
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:

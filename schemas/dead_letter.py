@@ -14,6 +14,7 @@ ErrorKind = Literal[
     "event_too_large",  # the value is larger than flow.max_event_bytes
     "image_not_found",  # the referenced file or URL does not exist (404)
     "image_fetch_failed",  # network error, timeout or server error while fetching
+    "image_fetch_refused",  # the URL or address is not allowed (SSRF guard, file roots)
     "image_too_large",  # more bytes or pixels than the configured caps
     "image_undecodable",  # not an image Pillow can decode
     "bad_face_box",  # a face box lies outside the image

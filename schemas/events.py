@@ -8,7 +8,10 @@ from urllib.parse import urlsplit
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 SCHEMA_VERSION = 1
-IMAGE_SCHEMES = ("file", "http", "https")
+IMAGE_SCHEMES = ("file", "http", "https", "data")
+# Longest URL; data: URIs may be longer, up to MAX_DATA_URI_CHARS (and flow.max_event_bytes).
+MAX_URL_CHARS = 4096
+MAX_DATA_URI_CHARS = 2_000_000
 MAX_FACES_PER_EVENT = 64
 
 Identifier = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
@@ -52,8 +55,11 @@ class FrameEvent(_Strict):
     )
     image: str = Field(
         min_length=1,
-        max_length=4096,
-        description="URI of the image: file:///abs/path, http://... or https://...",
+        max_length=MAX_DATA_URI_CHARS,
+        description=(
+            "URI of the image: file:///abs/path, http://..., https://... (at most 4096"
+            " characters) or data:image/...;base64,... (bounded by the event-size cap)"
+        ),
     )
     faces: list[FaceBox] | None = Field(
         default=None,
@@ -68,8 +74,14 @@ class FrameEvent(_Strict):
         if parts.scheme not in IMAGE_SCHEMES:
             raise ValueError(
                 f"scheme {parts.scheme or '(none)'!r} is not supported; use one of "
-                + ", ".join(f"{s}://" for s in IMAGE_SCHEMES)
+                + ", ".join("data:" if s == "data" else f"{s}://" for s in IMAGE_SCHEMES)
             )
+        if parts.scheme == "data":
+            if "," not in value:
+                raise ValueError("a data URI must be data:<type>;base64,<data>")
+            return value
+        if len(value) > MAX_URL_CHARS:
+            raise ValueError(f"a {parts.scheme} URI may be at most {MAX_URL_CHARS} characters")
         if parts.scheme == "file" and (parts.netloc not in ("", "localhost") or not parts.path):
             raise ValueError("a file URI must be file:///absolute/path (no host)")
         if parts.scheme in ("http", "https") and not parts.hostname:

@@ -101,6 +101,9 @@ def start_worker(
             "kafka__commit_interval_s": "0.2",
             "model__path": str(tiny_checkpoint),
             "log__level": "info",
+            # Image servers under test listen on loopback, which the SSRF guard refuses
+            # by default; a test may still override this.
+            "fetch__allow_hosts": '["127.0.0.1"]',
             **settings,
         }
         worker = WorkerProcess(tmp_path / f"worker-{len(started)}.log", env, module)

@@ -95,6 +95,11 @@ def test_poison_events_spread_through_the_stream(
             (event(image=f"{server.url}/status/500"), "image_fetch_failed"),
             (event(image=f"{server.url}/sleep/3/face.png"), "image_fetch_failed"),
             (event(image="http://127.0.0.1:9/refused.png"), "image_fetch_failed"),
+            # Refused before connecting: only 127.0.0.1 is in fetch.allow_hosts.
+            (event(image="http://169.254.169.254/latest/meta-data/"), "image_fetch_refused"),
+            (event(image="http://10.0.0.5/x.png"), "image_fetch_refused"),
+            (event(image=f"{server.url}/../x".replace("//", "//user@", 1)), "image_fetch_refused"),
+            (event(image="data:image/png;base64,!!!!"), "image_undecodable"),
             (event(faces=[{"x": 500, "y": 500, "width": 5, "height": 5}]), "bad_face_box"),
         ]
         expected: dict[tuple[int, int], str] = {}

@@ -16,6 +16,9 @@ from consumer.errors import EventError
 from consumer.images import decode_image, fetch_bytes, fetch_with_retries
 from tests.support.http_server import ImageServer
 
+# The test servers listen on loopback, which the SSRF guard refuses unless allowed.
+LOOPBACK = ("127.0.0.1",)
+
 
 def png_bytes(mode: str, size: tuple[int, int] = (20, 10)) -> bytes:
     image = Image.new(mode, size)
@@ -97,12 +100,12 @@ def served(tmp_path: Path) -> Iterator[ImageServer]:
 
 
 def test_http_fetch(served: ImageServer) -> None:
-    data = fetch_bytes(f"{served.url}/face.png", FetchSettings())
+    data = fetch_bytes(f"{served.url}/face.png", FetchSettings(allow_hosts=LOOPBACK))
     assert decode_image(data, 10_000).size == (20, 10)
 
 
 def test_http_404_is_permanent(served: ImageServer) -> None:
-    settings = FetchSettings(retries=3, retry_backoff_s=0)
+    settings = FetchSettings(retries=3, retry_backoff_s=0, allow_hosts=LOOPBACK)
     with pytest.raises(EventError) as info:
         fetch_with_retries(f"{served.url}/missing.png", settings)
     assert info.value.kind == "image_not_found" and not info.value.retriable
@@ -110,7 +113,7 @@ def test_http_404_is_permanent(served: ImageServer) -> None:
 
 
 def test_http_5xx_is_retried_then_reported(served: ImageServer) -> None:
-    settings = FetchSettings(retries=2, retry_backoff_s=0)
+    settings = FetchSettings(retries=2, retry_backoff_s=0, allow_hosts=LOOPBACK)
     with pytest.raises(EventError) as info:
         fetch_with_retries(f"{served.url}/status/503", settings)
     assert info.value.kind == "image_fetch_failed"
@@ -141,7 +144,7 @@ def test_http_size_cap_is_enforced_while_streaming() -> None:
     try:
         url = f"http://127.0.0.1:{httpd.server_address[1]}/x"
         with pytest.raises(EventError) as info:
-            fetch_bytes(url, FetchSettings(max_bytes=1024 * 1024))
+            fetch_bytes(url, FetchSettings(max_bytes=1024 * 1024, allow_hosts=LOOPBACK))
         assert info.value.kind == "image_too_large"
     finally:
         httpd.shutdown()
@@ -155,7 +158,9 @@ def test_connection_refused_is_retriable() -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     with pytest.raises(EventError) as info:
-        fetch_bytes(f"http://127.0.0.1:{port}/x.png", FetchSettings(timeout_s=2))
+        fetch_bytes(
+            f"http://127.0.0.1:{port}/x.png", FetchSettings(timeout_s=2, allow_hosts=LOOPBACK)
+        )
     assert info.value.kind == "image_fetch_failed" and info.value.retriable
 
 

@@ -48,6 +48,8 @@ def test_faces_are_optional() -> None:
         ({"image": "ftp://host/x.jpg"}, "image", "file://, http://, https://"),
         ({"image": "file://host/x.jpg"}, "image", "file:///absolute/path"),
         ({"image": "/tmp/x.jpg"}, "image", "not supported"),
+        ({"image": "data:image/png;base64"}, "image", "data:<type>;base64,<data>"),
+        ({"image": "http://host/" + "a" * 5000}, "image", "at most 4096"),
         ({"faces": []}, "faces", "leave it out"),
         ({"faces": [{"x": 1, "y": 1, "width": 0, "height": 5}]}, "faces.0.width", "greater"),
         ({"faces": [{"x": "1", "y": 1, "width": 5, "height": 5}]}, "faces.0.x", "integer"),
@@ -82,3 +84,9 @@ def test_too_many_faces_are_rejected() -> None:
 def test_result_rejects_unknown_fields() -> None:
     with pytest.raises(ValidationError, match="Extra inputs"):
         EmotionResult.model_validate({"surprise": 1})
+
+
+def test_data_uri_is_a_valid_image_and_may_exceed_the_url_limit() -> None:
+    image = "data:image/png;base64," + "A" * 8000
+    event = FrameEvent.model_validate_json(json.dumps({**VALID, "image": image}))
+    assert event.image == image

@@ -1,0 +1,426 @@
+"""Safe fetching: the SSRF guard, DNS pinning, checked redirects, file roots and data URIs.
+
+Forbidden addresses come from a monkeypatched resolver and every socket connect is
+guarded, so no test ever connects anywhere but the loopback servers it starts itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import ipaddress
+import socket
+import ssl
+import subprocess
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, ClassVar
+
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from consumer import http_fetch
+from consumer.config import FetchSettings
+from consumer.errors import EventError
+from consumer.http_fetch import forbidden_reason, resolve_checked
+from consumer.images import decode_image, fetch_bytes, fetch_with_retries
+
+PUBLIC = "93.184.216.34"  # a global address; never actually connected to
+
+
+def png_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (20, 10)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def addrinfo(address: str, port: int) -> tuple[Any, ...]:
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sockaddr: tuple[Any, ...] = (address, port, 0, 0) if ":" in address else (address, port)
+    return (family, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", sockaddr)
+
+
+class Resolver:
+    """A fake getaddrinfo: each call answers the next list of addresses (the last repeats)."""
+
+    def __init__(self, *answers: list[str]) -> None:
+        self.answers = list(answers)
+        self.calls: list[str] = []
+
+    def __call__(self, host: str, port: int, *args: Any, **kwargs: Any) -> list[tuple[Any, ...]]:
+        self.calls.append(host)
+        answer = self.answers[min(len(self.calls), len(self.answers)) - 1]
+        return [addrinfo(a, port) for a in answer]
+
+
+@pytest.fixture
+def connects(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
+    """Records every connect; lets loopback through and fails the test on anything else."""
+    seen: list[tuple[Any, ...]] = []
+    real_connect = socket.socket.connect
+
+    def guarded(sock: socket.socket, address: Any) -> None:
+        seen.append(tuple(address))
+        if not ipaddress.ip_address(address[0]).is_loopback:
+            pytest.fail(f"a connection to {address} was attempted")
+        real_connect(sock, address)
+
+    def no_create_connection(*args: Any, **kwargs: Any) -> socket.socket:
+        pytest.fail("socket.create_connection does a second DNS lookup and must not be used")
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    monkeypatch.setattr(socket, "create_connection", no_create_connection)
+    return seen
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """/face.png: an image; /to?<url>: 302 there; /chain/<n>: n redirects, then the image."""
+
+    hosts: ClassVar[list[str]] = []  # Host headers seen; each server's subclass has its own
+
+    def do_GET(self) -> None:
+        self.hosts.append(self.headers.get("Host", ""))
+        if self.path.startswith("/to?"):
+            self._redirect(self.path[len("/to?") :])
+        elif self.path.startswith("/chain/"):
+            left = int(self.path.rsplit("/", 1)[1])
+            self._redirect("/face.png" if left <= 1 else f"/chain/{left - 1}")
+        elif self.path == "/face.png":
+            data = png_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        else:
+            self.send_error(404)
+
+    def _redirect(self, location: str) -> None:
+        self.send_response(302)
+        self.send_header("Location", location)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, int, list[str]]]:
+    """A loopback server: (base URL, port, Host headers seen)."""
+    hosts: list[str] = []
+    handler = type("Handler", (_Handler,), {"hosts": hosts})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    port = httpd.server_address[1]
+    try:
+        yield f"http://127.0.0.1:{port}", port, hosts
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+LOOPBACK = FetchSettings(allow_hosts=("127.0.0.1",), retries=0)
+
+FORBIDDEN = [
+    "10.0.0.5",
+    "172.16.3.4",
+    "192.168.1.1",
+    "127.0.0.1",
+    "169.254.169.254",  # cloud metadata
+    "100.64.0.1",  # carrier-grade NAT
+    "224.0.0.1",
+    "0.0.0.0",
+    "255.255.255.255",
+    "240.0.0.1",
+    "::1",
+    "::",
+    "fe80::1",
+    "fc00::1",
+    "fd12:3456::1",
+    "ff02::1",
+    "::ffff:127.0.0.1",  # IPv4-mapped
+    "::ffff:169.254.169.254",
+    "64:ff9b::a00:5",  # NAT64 of 10.0.0.5
+    "2002:a00:5::1",  # 6to4 of 10.0.0.5
+]
+
+
+@pytest.mark.parametrize("address", FORBIDDEN)
+def test_forbidden_addresses_are_refused_without_connecting(
+    address: str, monkeypatch: pytest.MonkeyPatch, connects: list[tuple[Any, ...]]
+) -> None:
+    resolver = Resolver([address])
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    settings = FetchSettings(retries=3, retry_backoff_s=0)
+    with pytest.raises(EventError) as info:
+        fetch_with_retries("http://images.example/face.png", settings)
+    error = info.value
+    assert error.kind == "image_fetch_refused" and not error.retriable
+    assert error.attempts == 1  # permanent: never retried
+    assert "images.example" in error.message and str(ipaddress.ip_address(address)) in error.message
+    assert "fetch.allow_hosts" in error.message
+    assert connects == [] and resolver.calls == ["images.example"]
+
+
+def test_one_forbidden_address_among_public_ones_refuses_the_host(
+    monkeypatch: pytest.MonkeyPatch, connects: list[tuple[Any, ...]]
+) -> None:
+    monkeypatch.setattr(socket, "getaddrinfo", Resolver([PUBLIC, "10.1.2.3"]))
+    with pytest.raises(EventError) as info:
+        fetch_bytes("https://images.example/x.png", FetchSettings())
+    assert info.value.kind == "image_fetch_refused" and "10.1.2.3" in info.value.message
+    assert connects == []
+
+
+@pytest.mark.parametrize("address", [PUBLIC, "8.8.8.8", "2606:4700:4700::1111"])
+def test_public_addresses_pass(address: str) -> None:
+    assert forbidden_reason(ipaddress.ip_address(address)) is None
+
+
+def test_the_checked_address_is_the_one_connected_to(
+    monkeypatch: pytest.MonkeyPatch, connects: list[tuple[Any, ...]]
+) -> None:
+    # DNS rebinding: the first answer is public, a second lookup would say loopback.
+    resolver = Resolver([PUBLIC], ["127.0.0.1"])
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    attempted: list[tuple[Any, ...]] = []
+
+    def refuse(sock: socket.socket, address: Any) -> None:
+        attempted.append(tuple(address))
+        raise ConnectionRefusedError("not really connecting")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    with pytest.raises(EventError) as info:
+        fetch_bytes("http://rebind.example:8080/face.png", FetchSettings())
+    assert info.value.kind == "image_fetch_failed" and info.value.retriable
+    assert attempted == [(PUBLIC, 8080)]
+    assert resolver.calls == ["rebind.example"]  # exactly one lookup
+
+
+def test_pinned_connection_keeps_the_host_header(
+    server: tuple[str, int, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    connects: list[tuple[Any, ...]],
+) -> None:
+    _, port, hosts = server
+    # First answer loopback (allowed by CIDR), any later lookup a forbidden address.
+    resolver = Resolver(["127.0.0.1"], ["10.0.0.5"])
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    settings = FetchSettings(allow_hosts=("127.0.0.0/8",))
+    data = fetch_bytes(f"http://images.test:{port}/face.png", settings)
+    assert decode_image(data, 10_000).size == (20, 10)
+    assert resolver.calls == ["images.test"]
+    assert connects == [("127.0.0.1", port)]
+    assert hosts == [f"images.test:{port}"]
+
+
+def test_allow_hosts_by_name_is_case_insensitive(
+    server: tuple[str, int, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    connects: list[tuple[Any, ...]],
+) -> None:
+    _, port, _ = server
+    monkeypatch.setattr(socket, "getaddrinfo", Resolver(["127.0.0.1"]))
+    settings = FetchSettings(allow_hosts=("IMAGES.internal.",))
+    assert fetch_bytes(f"http://images.internal:{port}/face.png", settings) == png_bytes()
+    with pytest.raises(EventError) as info:
+        fetch_bytes(f"http://other.internal:{port}/face.png", settings)
+    assert info.value.kind == "image_fetch_refused"
+
+
+def test_allow_hosts_by_cidr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(socket, "getaddrinfo", Resolver(["10.0.0.5", "10.200.0.1"]))
+    checked = resolve_checked("images.internal", 80, ("10.0.0.0/8",))
+    assert [sockaddr[0] for _, sockaddr in checked] == ["10.0.0.5", "10.200.0.1"]
+    with pytest.raises(EventError) as info:
+        resolve_checked("images.internal", 80, ("10.0.0.0/16",))
+    assert info.value.kind == "image_fetch_refused" and "10.200.0.1" in info.value.message
+
+
+def test_bad_allow_hosts_and_relative_file_roots_are_config_errors() -> None:
+    with pytest.raises(ValidationError, match="neither a hostname"):
+        FetchSettings(allow_hosts=("http://x/",))
+    with pytest.raises(ValidationError, match="must be absolute"):
+        FetchSettings(file_roots=(Path("relative"),))
+
+
+def test_redirect_to_an_allowed_host_is_followed(
+    server: tuple[str, int, list[str]], connects: list[tuple[Any, ...]]
+) -> None:
+    url, _, _ = server
+    assert fetch_bytes(f"{url}/to?/face.png", LOOPBACK) == png_bytes()
+    assert fetch_bytes(f"{url}/chain/3", LOOPBACK) == png_bytes()  # exactly max_redirects
+    assert len(connects) == 2 + 4  # one connection per hop, all to the checked address
+
+
+def test_too_many_redirects_fail(server: tuple[str, int, list[str]]) -> None:
+    url, _, _ = server
+    with pytest.raises(EventError) as info:
+        fetch_bytes(f"{url}/chain/4", LOOPBACK)
+    assert info.value.kind == "image_fetch_failed" and not info.value.retriable
+    assert "max_redirects=3" in info.value.message
+    with pytest.raises(EventError):
+        fetch_bytes(f"{url}/to?/face.png", LOOPBACK.model_copy(update={"max_redirects": 0}))
+
+
+@pytest.mark.parametrize(
+    "location",
+    [
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.5/x.png",
+        "http://[::1]:1/x.png",
+        "ftp://127.0.0.1/x.png",
+        "file:///etc/passwd",
+        "http://user@127.0.0.1/x.png",
+    ],
+)
+def test_redirect_to_a_forbidden_target_is_refused(
+    location: str, server: tuple[str, int, list[str]], connects: list[tuple[Any, ...]]
+) -> None:
+    url, port, _ = server
+    with pytest.raises(EventError) as info:
+        fetch_bytes(f"{url}/to?{location}", LOOPBACK)
+    assert info.value.kind == "image_fetch_refused" and not info.value.retriable
+    assert connects == [("127.0.0.1", port)]  # only the first hop connected
+
+
+@pytest.mark.parametrize(
+    "url", ["http://user@images.example/x.png", "https://user:secret@images.example/x.png"]
+)
+def test_userinfo_is_refused_before_resolving(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    resolver = Resolver([PUBLIC])
+    monkeypatch.setattr(socket, "getaddrinfo", resolver)
+    with pytest.raises(EventError) as info:
+        fetch_bytes(url, FetchSettings())
+    assert info.value.kind == "image_fetch_refused" and "user info" in info.value.message
+    assert resolver.calls == []
+
+
+def test_total_deadline_holds(tmp_path: Path) -> None:
+    from tests.support.http_server import ImageServer
+
+    (tmp_path / "face.png").write_bytes(png_bytes())
+    settings = LOOPBACK.model_copy(update={"timeout_s": 0.3})
+    with ImageServer(tmp_path) as images, pytest.raises(EventError) as info:
+        fetch_bytes(f"{images.url}/sleep/3/face.png", settings)
+    assert info.value.kind == "image_fetch_failed" and info.value.retriable
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for images.test (openssl CLI)."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-subj", "/CN=images.test", "-addext", "subjectAltName=DNS:images.test"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+@pytest.fixture
+def tls_server(certificate: tuple[Path, Path]) -> Iterator[int]:
+    cert, key = certificate
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), type("H", (_Handler,), {"hosts": []}))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield httpd.server_address[1]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_https_verifies_the_hostname_over_the_pinned_address(
+    tls_server: int,
+    certificate: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    connects: list[tuple[Any, ...]],
+) -> None:
+    monkeypatch.setattr(socket, "getaddrinfo", Resolver(["127.0.0.1"]))
+    settings = FetchSettings(allow_hosts=("127.0.0.1",), retries=0)
+    # The system CA store does not trust the test certificate: refused, not retried.
+    with pytest.raises(EventError) as untrusted:
+        fetch_bytes(f"https://images.test:{tls_server}/face.png", settings)
+    assert untrusted.value.kind == "image_fetch_failed" and not untrusted.value.retriable
+    trusting = ssl.create_default_context(cafile=str(certificate[0]))
+    monkeypatch.setattr(http_fetch._PinnedHTTPSConnection, "_tls", trusting)
+    # Trusted: SNI and the certificate check use images.test while connecting to 127.0.0.1.
+    assert fetch_bytes(f"https://images.test:{tls_server}/face.png", settings) == png_bytes()
+    # The same certificate for another name fails hostname verification.
+    with pytest.raises(EventError) as wrong_name:
+        fetch_bytes(f"https://127.0.0.1:{tls_server}/face.png", settings)
+    assert wrong_name.value.kind == "image_fetch_failed"
+    assert all(address[0] == "127.0.0.1" for address in connects)
+
+
+def _file_uri(path: str) -> str:
+    return "file://" + path
+
+
+def test_file_roots_allow_inside_and_refuse_escapes(tmp_path: Path) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside.png"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "in.png").write_bytes(b"inside")
+    outside.write_bytes(b"secret")
+    (root / "link.png").symlink_to(outside)
+    settings = FetchSettings(file_roots=(root,))
+    assert fetch_bytes((root / "sub" / "in.png").as_uri(), settings) == b"inside"
+    assert fetch_bytes(_file_uri(f"{root}/sub/../sub/in.png"), settings) == b"inside"
+    for uri in [
+        outside.as_uri(),
+        _file_uri(f"{root}/../outside.png"),
+        _file_uri(f"{root}/sub/%2e%2e/%2e%2e/outside.png"),
+        (root / "link.png").as_uri(),
+        _file_uri(f"{root}x/in.png"),  # a sibling with the root's name as a prefix
+    ]:
+        with pytest.raises(EventError) as info:
+            fetch_bytes(uri, settings)
+        assert info.value.kind == "image_fetch_refused", uri
+        assert "fetch.file_roots" in info.value.message
+    # The default (None) keeps file:// unrestricted, for development and the demo.
+    assert fetch_bytes((root / "link.png").as_uri(), FetchSettings()) == b"secret"
+
+
+def test_file_roots_accept_a_symlinked_root(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "a.png").write_bytes(b"a")
+    (tmp_path / "alias").symlink_to(real)
+    settings = FetchSettings(file_roots=(tmp_path / "alias",))
+    assert fetch_bytes((tmp_path / "alias" / "a.png").as_uri(), settings) == b"a"
+
+
+def _data_uri(data: bytes, media: str = "image/png") -> str:
+    return f"data:{media};base64," + base64.b64encode(data).decode()
+
+
+def test_data_uri_decodes() -> None:
+    data = fetch_bytes(_data_uri(png_bytes()), FetchSettings())
+    assert decode_image(data, 10_000).size == (20, 10)
+
+
+@pytest.mark.parametrize(
+    ("uri", "kind"),
+    [
+        (_data_uri(b"x" * 3000), "image_too_large"),
+        ("data:image/png;base64,iVBOR!!!", "image_undecodable"),
+        ("data:image/png;base64,iVBOR", "image_undecodable"),  # bad padding
+        ("data:image/png;base64,iVBO Rw==", "image_undecodable"),  # whitespace is not base64
+        ("data:image/png,rawbytes", "image_undecodable"),  # only base64 is accepted
+    ],
+)
+def test_bad_data_uris(uri: str, kind: str) -> None:
+    with pytest.raises(EventError) as info:
+        fetch_bytes(uri, FetchSettings(max_data_uri_bytes=2048))
+    assert info.value.kind == kind and not info.value.retriable
