@@ -13,7 +13,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 FER_LABELS: tuple[str, ...] = (
@@ -118,9 +126,48 @@ class BatchSettings(_Section):
     max_wait_ms: float = Field(default=20.0, ge=0, le=10_000)
 
 
+class S3Settings(_Section):
+    # None: AWS's own endpoint for the region. For MinIO, Ceph or GCS interoperability,
+    # the server's URL (e.g. "http://minio.storage:9000"). The endpoint is trusted
+    # configuration, so the SSRF policy for event URLs does not apply to it.
+    endpoint_url: str | None = Field(default=None, pattern=r"^https?://[^\s/@]+(/.*)?$")
+    # None: boto3's chain (AWS_REGION / AWS_DEFAULT_REGION, the profile, instance metadata).
+    region: str | None = Field(default=None, min_length=1, max_length=64)
+    # Leave all three unset to use boto3's credential chain: environment variables
+    # (AWS_ACCESS_KEY_ID, ...), a web-identity token (EKS IRSA), the ECS or EC2 role.
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    # "path" (endpoint/bucket/key) is what most S3-compatible servers want; "virtual"
+    # (bucket.endpoint/key) is AWS's default; "auto" lets boto3 choose.
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+
+    @model_validator(mode="after")
+    def _check_keys(self) -> S3Settings:
+        if (self.access_key_id is None) != (self.secret_access_key is None):
+            raise ValueError(
+                "fetch.s3.access_key_id and fetch.s3.secret_access_key go together: "
+                "set both, or neither to use the standard credential chain"
+            )
+        if self.session_token is not None and self.access_key_id is None:
+            raise ValueError("fetch.s3.session_token needs fetch.s3.access_key_id too")
+        return self
+
+
 class FetchSettings(_Section):
-    threads: int = Field(default=4, ge=1, le=256)
+    # Concurrent fetches (threads). Each holds at most one connection, so this also bounds
+    # the open connections of the shared HTTP pool and the S3 client.
+    threads: int = Field(default=8, ge=1, le=256)
+    # The whole fetch of one image, redirects and body included.
     timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # TCP (and TLS) connection set-up, per address tried.
+    connect_timeout_s: float = Field(default=3.0, gt=0, le=60)
+    # Longest silence while waiting for headers or body bytes. A server that keeps
+    # trickling is still cut off by timeout_s.
+    read_timeout_s: float = Field(default=5.0, gt=0, le=300)
+    # Idle keep-alive connections kept for reuse, in all and per host.
+    pool_max_idle: int = Field(default=32, ge=0, le=1024)
+    pool_max_idle_per_host: int = Field(default=4, ge=0, le=256)
     max_bytes: int = Field(default=20 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(default=40_000_000, ge=1)
     # Retriable failures (timeouts, connection errors, 5xx) are tried this many extra times.
@@ -138,6 +185,7 @@ class FetchSettings(_Section):
     # data: URIs carry the image in the event itself; the event-size cap
     # (flow.max_event_bytes) applies first, so the effective cap is the smaller one.
     max_data_uri_bytes: int = Field(default=1024 * 1024, ge=1)
+    s3: S3Settings = S3Settings()
 
     @field_validator("allow_hosts")
     @classmethod
@@ -161,6 +209,43 @@ class FetchSettings(_Section):
                 if not root.is_absolute():
                     raise ValueError(f"fetch.file_roots entry {str(root)!r} must be absolute")
         return value
+
+
+class DecodeSettings(_Section):
+    # "process": decode, detect and crop in separate worker processes, so that a file that
+    # crashes or hangs the decoder costs one dead letter, not the worker. "thread": in the
+    # fetch threads (no isolation; for debugging and single-process profiling).
+    isolation: Literal["process", "thread"] = "process"
+    # Decoder processes; the fetch threads queue for them.
+    workers: int = Field(default=2, ge=1, le=64)
+    # Longest one image may take to decode, detect and crop before its process is killed.
+    timeout_s: float = Field(default=10.0, gt=0, le=300)
+    # Address-space cap of each decoder process (MiB); a bomb that gets past the pixel
+    # check fails with image_too_large instead of exhausting the pod's memory.
+    max_memory_mb: int = Field(default=2048, ge=256)
+    # A decoder process is replaced after this many images (bounds slow leaks).
+    max_tasks_per_process: int = Field(default=1000, ge=1)
+
+
+class FaceSettings(_Section):
+    # Used when an event carries no boxes. "none": the whole image is one face (right for
+    # pre-cropped, FER-style input). "haar": OpenCV's frontal-face Haar cascade, whose
+    # weights ship inside the opencv-python-headless wheel.
+    detector: Literal["none", "haar"] = "none"
+    # Every box (the event's or the detector's) grows by this fraction of its width and
+    # height on each side, then is clipped to the image: the classifier was trained on
+    # crops with some forehead and chin.
+    margin: float = Field(default=0.0, ge=0, le=1)
+    # Detections smaller than this (pixels, shorter side) are ignored.
+    min_face_px: int = Field(default=32, ge=8, le=4096)
+    # Detections beyond this many (largest first) are dropped.
+    max_faces: int = Field(default=16, ge=1, le=64)
+    # Frames are shrunk so their longer side is at most this before detection (speed);
+    # boxes are scaled back to full-resolution coordinates.
+    detect_max_side: int = Field(default=960, ge=64, le=8192)
+    # Haar cascade tuning: image pyramid step and how many overlapping hits make a face.
+    haar_scale_factor: float = Field(default=1.1, gt=1.0, le=2.0)
+    haar_min_neighbors: int = Field(default=5, ge=0, le=50)
 
 
 class FlowSettings(_Section):
@@ -202,6 +287,8 @@ class WorkerSettings(BaseSettings):
     model: ModelSettings = ModelSettings()
     batch: BatchSettings = BatchSettings()
     fetch: FetchSettings = FetchSettings()
+    decode: DecodeSettings = DecodeSettings()
+    faces: FaceSettings = FaceSettings()
     flow: FlowSettings = FlowSettings()
     log: LogSettings = LogSettings()
 

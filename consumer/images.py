@@ -16,6 +16,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from consumer.config import FetchSettings
 from consumer.errors import EventError
 from consumer.http_fetch import fetch_http
+from consumer.s3_fetch import fetch_s3
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
 
@@ -42,6 +43,8 @@ def fetch_bytes(uri: str, settings: FetchSettings) -> bytes:
         return _read_file(uri, settings)
     if scheme in ("http", "https"):
         return fetch_http(uri, settings)
+    if scheme == "s3":
+        return fetch_s3(uri, settings)
     if scheme == "data":
         return _read_data(uri, min(settings.max_data_uri_bytes, settings.max_bytes))
     raise EventError("invalid_event", f"image: scheme {scheme!r} is not supported")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
 
 SCHEMA_VERSION = 1
-IMAGE_SCHEMES = ("file", "http", "https", "data")
+IMAGE_SCHEMES = ("s3", "file", "http", "https", "data")
+# S3 bucket naming rules (lower case, digits, dots, hyphens; 3 to 63 characters).
+_S3_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 # Longest URL; data: URIs may be longer, up to MAX_DATA_URI_CHARS (and flow.max_event_bytes).
 MAX_URL_CHARS = 4096
 MAX_DATA_URI_CHARS = 2_000_000
@@ -57,8 +60,9 @@ class FrameEvent(_Strict):
         min_length=1,
         max_length=MAX_DATA_URI_CHARS,
         description=(
-            "URI of the image: file:///abs/path, http://..., https://... (at most 4096"
-            " characters) or data:image/...;base64,... (bounded by the event-size cap)"
+            "URI of the image: s3://bucket/key, https://..., http://..., file:///abs/path"
+            " (at most 4096 characters) or data:image/...;base64,... (bounded by the"
+            " event-size cap)"
         ),
     )
     faces: list[FaceBox] | None = Field(
@@ -84,6 +88,14 @@ class FrameEvent(_Strict):
             raise ValueError(f"a {parts.scheme} URI may be at most {MAX_URL_CHARS} characters")
         if parts.scheme == "file" and (parts.netloc not in ("", "localhost") or not parts.path):
             raise ValueError("a file URI must be file:///absolute/path (no host)")
+        if parts.scheme == "s3":
+            if not _S3_BUCKET.fullmatch(parts.netloc):
+                raise ValueError(
+                    f"s3 bucket {parts.netloc!r} is not a valid bucket name (3-63 characters:"
+                    " lower-case letters, digits, dots, hyphens); use s3://bucket/key"
+                )
+            if len(parts.path) < 2 or parts.query or parts.fragment:
+                raise ValueError("an s3 URI must be s3://bucket/key with a non-empty key")
         if parts.scheme in ("http", "https") and not parts.hostname:
             raise ValueError("an http(s) URI needs a host")
         return value
