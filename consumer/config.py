@@ -222,7 +222,7 @@ class DecodeSettings(_Section):
     timeout_s: float = Field(default=10.0, gt=0, le=300)
     # Address-space cap of each decoder process (MiB); a bomb that gets past the pixel
     # check fails with image_too_large instead of exhausting the pod's memory.
-    max_memory_mb: int = Field(default=2048, ge=256)
+    max_memory_mb: int = Field(default=2048, ge=512)
     # A decoder process is replaced after this many images (bounds slow leaks).
     max_tasks_per_process: int = Field(default=1000, ge=1)
 

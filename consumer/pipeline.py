@@ -33,6 +33,7 @@ from confluent_kafka import (
 from consumer.batching import Item, MicroBatcher
 from consumer.committer import CommitError, Committer, OffsetCommitter, TransactionCommitter
 from consumer.config import WorkerSettings
+from consumer.decode_pool import Decoder, make_decoder
 from consumer.errors import EventError
 from consumer.inference import BatchRunner, Classifier
 from consumer.kafka_io import consumer_config, producer_config, to_record
@@ -82,6 +83,7 @@ class Worker:
         *,
         consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
         producer_factory: Callable[[dict[str, Any]], Producer] = Producer,
+        decoder: Decoder | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
@@ -102,6 +104,11 @@ class Worker:
             else OffsetCommitter(self._consumer)
         )
         self._pool = ThreadPoolExecutor(settings.fetch.threads, thread_name_prefix="fetch")
+        # Started here, before joining the group: a worker that cannot decode must fail
+        # at start, not after taking partitions.
+        self._decoder = decoder or make_decoder(
+            settings.decode, settings.faces, settings.fetch.max_pixels, settings.fetch.max_bytes
+        )
         # Held while producing a batch's outcomes and while committing or revoking, so a
         # commit sees every produced outcome and nothing is produced for a revoked partition.
         self._publish_lock = threading.Lock()
@@ -191,7 +198,7 @@ class Worker:
         self.batcher.put(self._pool.submit(self._prepare, record, event))
 
     def _prepare(self, record: InputRecord, event: Any) -> Item:
-        item = prepare_event(record, event, self.settings.fetch)
+        item = prepare_event(record, event, self.settings.fetch, self._decoder)
         if isinstance(item, PreparedEvent):
             held = sum(c.width * c.height * 3 for c in item.crops)
             self.tracker.add_size(record.topic_partition, record.offset, held)
@@ -437,6 +444,7 @@ class Worker:
 
     def _close(self, code: int) -> int:
         self._closing = True
+        self._decoder.close()
         if code != 0:
             self._committer.abort()
             # Undelivered outcomes must not be retried into a partition we no longer own.

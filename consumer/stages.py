@@ -12,9 +12,9 @@ from typing import Protocol
 from pydantic import ValidationError
 
 from consumer.config import FetchSettings, describe_validation_error
+from consumer.decode_pool import Decoder, DecoderUnavailableError
 from consumer.errors import EventError
-from consumer.faces import crop_faces, face_boxes
-from consumer.images import decode_image, fetch_with_retries
+from consumer.images import fetch_with_retries
 from consumer.work import FailedEvent, InputRecord, Outcome, PreparedEvent
 from schemas import DeadLetter, EmotionResult, FaceEmotion, FrameEvent, Header, result_id_for
 from schemas.results import ResultStatus
@@ -51,19 +51,24 @@ def parse_event(record: InputRecord, max_event_bytes: int) -> FrameEvent:
 
 
 def prepare_event(
-    record: InputRecord, event: FrameEvent, settings: FetchSettings
+    record: InputRecord, event: FrameEvent, settings: FetchSettings, decoder: Decoder
 ) -> PreparedEvent | FailedEvent:
-    """Fetch, decode and crop; any failure becomes a FailedEvent (runs on a fetch thread)."""
+    """Fetch, decode, find and crop the faces; an event's failure becomes a FailedEvent.
+
+    Runs on a fetch thread. DecoderUnavailableError is not the event's fault and propagates:
+    the worker stops rather than dead-lettering every event while decoding is broken.
+    """
     attempts = 1
     try:
         data, attempts = fetch_with_retries(event.image, settings)
-        image = decode_image(data, settings.max_pixels)
-        boxes = face_boxes(image, event.faces)
-        return PreparedEvent(record, event, boxes, crop_faces(image, boxes), attempts)
+        cropped = decoder.decode(data, event.faces)
+        return PreparedEvent(record, event, cropped.boxes, cropped.crops, attempts)
     except EventError as exc:
         return FailedEvent(
             record, exc.kind, exc.message, max(attempts, exc.attempts), event.event_id
         )
+    except DecoderUnavailableError:
+        raise
     except Exception as exc:  # a bug or a hostile file must not take the worker down
         return FailedEvent(
             record, "image_undecodable", f"{type(exc).__name__}: {exc}", attempts, event.event_id

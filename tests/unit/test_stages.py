@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from consumer.config import FetchSettings
+from consumer.config import FaceSettings, FetchSettings
+from consumer.decode_pool import InlineDecoder
 from consumer.errors import EventError
 from consumer.stages import encode_dead_letter, encode_result, parse_event, prepare_event
 from consumer.work import FailedEvent, InputRecord, PreparedEvent
 from schemas import DeadLetter, EmotionResult, FrameEvent, result_id_for
+
+DECODER = InlineDecoder(FaceSettings(), max_pixels=10_000_000)
 
 
 def record(value: bytes, offset: int = 7) -> InputRecord:
@@ -49,7 +52,7 @@ def test_parse_event_errors(value: bytes, kind: str, words: str) -> None:
 
 def test_prepare_turns_fetch_errors_into_failed_events(tmp_path: Path) -> None:
     event = FrameEvent.model_validate_json(event_json(image=(tmp_path / "x.png").as_uri()))
-    outcome = prepare_event(record(b"{}"), event, FetchSettings())
+    outcome = prepare_event(record(b"{}"), event, FetchSettings(), DECODER)
     assert isinstance(outcome, FailedEvent)
     assert outcome.kind == "image_not_found" and outcome.event_id == "e1"
 
@@ -66,7 +69,7 @@ def test_prepare_crops_event_boxes(tmp_path: Path) -> None:
             ],
         )
     )
-    outcome = prepare_event(record(b"{}"), event, FetchSettings())
+    outcome = prepare_event(record(b"{}"), event, FetchSettings(), DECODER)
     assert isinstance(outcome, PreparedEvent)
     assert [c.size for c in outcome.crops] == [(50, 50), (40, 40)]
     assert all(c.mode == "RGB" for c in outcome.crops)
@@ -83,7 +86,7 @@ def test_encode_result_points_back_at_its_source(tmp_path: Path) -> None:
     path = tmp_path / "f.png"
     Image.new("L", (48, 48)).save(path)
     event = FrameEvent.model_validate_json(event_json(image=path.as_uri()))
-    prepared = prepare_event(record(b"{}"), event, FetchSettings())
+    prepared = prepare_event(record(b"{}"), event, FetchSettings(), DECODER)
     assert isinstance(prepared, PreparedEvent)
     outcome = encode_result(
         prepared, [Scores("sad", 0.6, {"sad": 0.6, "happy": 0.4})], "tiny", "emotions"

@@ -1,0 +1,126 @@
+"""Bytes to face crops: decode, find or check the face boxes, crop.
+
+This is the part of an event's preparation that runs hostile input through C code
+(Pillow's and OpenCV's decoders and detectors), so consumer.decode_pool runs it in
+separate processes. The same FrameCropper runs in-process when isolation is "thread".
+
+The wire format between the worker and a decoder process is deliberately not pickle: a
+decoder that a hostile file has taken over must not be able to make the worker run code.
+A frame is a 12-byte prefix (magic, header length, payload length), a JSON header and a
+raw payload: the image bytes going in, the crops' RGB pixels coming out.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import IO, Any
+
+from PIL import Image
+
+from consumer.config import FaceSettings
+from consumer.detect import FaceDetector, make_detector
+from consumer.errors import EventError
+from consumer.faces import crop_faces, event_boxes, grow, whole_image
+from consumer.images import decode_image
+from schemas import FaceBox
+
+_PREFIX = struct.Struct(">4sII")
+_MAGIC = b"EWD1"
+# A header is a few boxes' worth of JSON; anything bigger means the stream is corrupt.
+_MAX_HEADER = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class Cropped:
+    """The faces of one frame: their boxes in full-image pixels and an RGB crop each.
+
+    No boxes means the detector found no face (the result's status is no_face).
+    """
+
+    boxes: list[FaceBox]
+    crops: list[Image.Image]
+
+
+class FrameCropper:
+    """Decode one image and cut out its faces; holds the detector, loaded once."""
+
+    def __init__(self, faces: FaceSettings, max_pixels: int) -> None:
+        self.faces = faces
+        self.max_pixels = max_pixels
+        self.detector: FaceDetector | None = make_detector(faces)
+
+    def __call__(self, data: bytes, boxes: list[FaceBox] | None) -> Cropped:
+        image = decode_image(data, self.max_pixels)
+        if boxes:
+            found = event_boxes(image.size, boxes, self.faces.margin)
+        elif self.detector is None:
+            found = whole_image(image.size)
+        else:
+            found = [grow(b, self.faces.margin, image.size) for b in self.detector.detect(image)]
+        crops = crop_faces(image, found)
+        for crop in crops:
+            # Crops are views in Pillow's lazy sense; load now so the frame can be freed.
+            crop.load()
+        return Cropped(found, crops)
+
+
+# ---- wire format -------------------------------------------------------------------------
+
+
+def write_frame(stream: IO[bytes], header: dict[str, Any], payload: bytes) -> None:
+    head = json.dumps(header, separators=(",", ":")).encode()
+    stream.write(_PREFIX.pack(_MAGIC, len(head), len(payload)))
+    stream.write(head)
+    stream.write(payload)
+    stream.flush()
+
+
+def parse_prefix(prefix: bytes, max_payload: int) -> tuple[int, int]:
+    """Header and payload lengths from a frame's prefix; ValueError if it is not one."""
+    magic, head_len, payload_len = _PREFIX.unpack(prefix)
+    if magic != _MAGIC or head_len > _MAX_HEADER or payload_len > max_payload:
+        raise ValueError(f"not a decoder frame (magic {magic!r}, sizes {head_len}/{payload_len})")
+    return head_len, payload_len
+
+
+PREFIX_SIZE = _PREFIX.size
+
+
+def boxes_to_json(boxes: list[FaceBox] | None) -> list[list[int]] | None:
+    return None if boxes is None else [[b.x, b.y, b.width, b.height] for b in boxes]
+
+
+def boxes_from_json(raw: Any) -> list[FaceBox] | None:
+    if raw is None:
+        return None
+    return [FaceBox(x=x, y=y, width=w, height=h) for x, y, w, h in raw]
+
+
+def encode_cropped(cropped: Cropped) -> tuple[dict[str, Any], bytes]:
+    """A decoder's reply header and payload: boxes, crop sizes, concatenated RGB pixels."""
+    header = {
+        "ok": True,
+        "boxes": boxes_to_json(cropped.boxes),
+        "sizes": [list(c.size) for c in cropped.crops],
+    }
+    return header, b"".join(c.tobytes() for c in cropped.crops)
+
+
+def decode_cropped(header: dict[str, Any], payload: bytes) -> Cropped:
+    """The parent's side of encode_cropped; sizes are checked against the payload."""
+    boxes = boxes_from_json(header["boxes"]) or []
+    sizes = [(int(w), int(h)) for w, h in header["sizes"]]
+    if len(sizes) != len(boxes) or sum(w * h * 3 for w, h in sizes) != len(payload):
+        raise ValueError("decoder reply: crop sizes do not match the payload")
+    crops, cursor = [], 0
+    for width, height in sizes:
+        end = cursor + width * height * 3
+        crops.append(Image.frombytes("RGB", (width, height), payload[cursor:end]))
+        cursor = end
+    return Cropped(boxes, crops)
+
+
+def encode_error(exc: EventError) -> dict[str, Any]:
+    return {"ok": False, "kind": exc.kind, "message": exc.message}
