@@ -1,4 +1,5 @@
-"""Safe fetching: the SSRF guard, DNS pinning, checked redirects, file roots and data URIs.
+"""Safe fetching: the SSRF guard, DNS pinning, checked redirects, deadlines, file roots and
+data URIs. (The keep-alive pool has its own tests in test_http_pool.py.)
 
 Forbidden addresses come from a monkeypatched resolver and every socket connect is
 guarded, so no test ever connects anywhere but the loopback servers it starts itself.
@@ -13,7 +14,9 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import suppress
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,6 +32,14 @@ from consumer.http_fetch import forbidden_reason, resolve_checked
 from consumer.images import decode_image, fetch_bytes, fetch_with_retries
 
 PUBLIC = "93.184.216.34"  # a global address; never actually connected to
+
+
+@pytest.fixture(autouse=True)
+def _no_pooled_connections() -> Iterator[None]:
+    """Each test starts and ends with an empty keep-alive pool."""
+    http_fetch.close_idle_connections()
+    yield
+    http_fetch.close_idle_connections()
 
 
 def png_bytes() -> bytes:
@@ -424,3 +435,165 @@ def test_bad_data_uris(uri: str, kind: str) -> None:
     with pytest.raises(EventError) as info:
         fetch_bytes(uri, FetchSettings(max_data_uri_bytes=2048))
     assert info.value.kind == kind and not info.value.retriable
+
+
+# A response that is never complete at one byte per pause: it outlasts any deadline below.
+TRICKLED = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Padding: " + b"x" * 200 + b"\r\n\r\nok"
+
+
+class SlowServer:
+    """A raw loopback server that reads a request, then answers one byte per `pause_s`.
+
+    `pause_s=None`: never answers. `tls`: each connection does a TLS handshake first; without
+    it, an https client's handshake meets silence.
+    """
+
+    def __init__(
+        self,
+        pause_s: float | None,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
+        self.pause_s = pause_s
+        self.tls = tls
+        self.stop = threading.Event()
+        self.accepted = 0
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.listener.settimeout(0.05)
+        self.port: int = self.listener.getsockname()[1]
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+
+    def __enter__(self) -> SlowServer:
+        self._threads[0].start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in list(self._threads):
+            thread.join(timeout=2)
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with suppress(OSError), conn:
+            conn.settimeout(5)
+            if self.tls is not None:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                data = conn.recv(4096)
+                if not data:
+                    return
+                request += data
+            if self.pause_s is None:
+                self.stop.wait(10)
+                return
+            for byte in TRICKLED:
+                if self.stop.wait(self.pause_s):
+                    return
+                conn.sendall(bytes([byte]))
+
+
+def _timed_fetch(url: str, settings: FetchSettings) -> tuple[EventError, float]:
+    start = time.monotonic()
+    with pytest.raises(EventError) as info:
+        fetch_bytes(url, settings)
+    return info.value, time.monotonic() - start
+
+
+@pytest.mark.parametrize("pause_s", [0.2, 0.5])
+def test_trickled_headers_cannot_outlast_the_total_deadline(
+    pause_s: float, connects: list[tuple[Any, ...]]
+) -> None:
+    # Every read gets a byte well within read_timeout_s; only the watchdog can stop this.
+    settings = LOOPBACK.model_copy(update={"timeout_s": 1.5, "read_timeout_s": 5.0})
+    with SlowServer(pause_s) as slow:
+        error, elapsed = _timed_fetch(f"http://127.0.0.1:{slow.port}/face.png", settings)
+    assert error.kind == "image_fetch_failed" and error.retriable
+    assert "took over 1.5s" in error.message
+    assert 1.5 <= elapsed < 1.5 + 1.0
+
+
+def test_trickled_headers_over_tls_cannot_outlast_the_total_deadline(
+    certificate: tuple[Path, Path],
+    monkeypatch: pytest.MonkeyPatch,
+    connects: list[tuple[Any, ...]],
+) -> None:
+    cert, key = certificate
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
+    monkeypatch.setattr(http_fetch._PinnedHTTPSConnection, "_tls", trusting)
+    monkeypatch.setattr(socket, "getaddrinfo", Resolver(["127.0.0.1"]))
+    settings = LOOPBACK.model_copy(update={"timeout_s": 1.5, "read_timeout_s": 5.0})
+    with SlowServer(0.3, tls=server_tls) as slow:
+        error, elapsed = _timed_fetch(f"https://images.test:{slow.port}/face.png", settings)
+    assert error.kind == "image_fetch_failed" and error.retriable
+    assert "took over 1.5s" in error.message
+    assert 1.5 <= elapsed < 1.5 + 1.0
+    assert slow.accepted == 1
+
+
+def test_a_silent_server_fails_after_the_read_timeout(connects: list[tuple[Any, ...]]) -> None:
+    settings = LOOPBACK.model_copy(update={"timeout_s": 5.0, "read_timeout_s": 0.4})
+    with SlowServer(None) as silent:
+        error, elapsed = _timed_fetch(f"http://127.0.0.1:{silent.port}/face.png", settings)
+    assert error.kind == "image_fetch_failed" and error.retriable
+    assert "timed out" in error.message
+    assert 0.4 <= elapsed < 1.5
+
+
+def test_a_silent_tls_handshake_fails_after_the_connect_timeout(
+    connects: list[tuple[Any, ...]],
+) -> None:
+    # The server accepts TCP but never answers the ClientHello.
+    settings = LOOPBACK.model_copy(
+        update={"timeout_s": 5.0, "connect_timeout_s": 0.4, "read_timeout_s": 5.0}
+    )
+    with SlowServer(None) as silent:
+        error, elapsed = _timed_fetch(f"https://127.0.0.1:{silent.port}/face.png", settings)
+    assert error.kind == "image_fetch_failed" and error.retriable
+    assert 0.4 <= elapsed < 1.5
+
+
+def test_connect_timeout_holds_against_a_full_accept_queue(
+    connects: list[tuple[Any, ...]],
+) -> None:
+    # A listener whose accept queue is full drops new SYNs: connecting hangs, like a black hole.
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers: list[socket.socket] = []
+    try:
+        for _ in range(4):
+            filler = socket.socket()
+            fillers.append(filler)
+            filler.settimeout(0.2)
+            try:
+                filler.connect(("127.0.0.1", port))
+            except TimeoutError:
+                break  # the queue is full now
+        else:
+            pytest.skip("this kernel keeps accepting connections into a full queue")
+        settings = LOOPBACK.model_copy(
+            update={"timeout_s": 5.0, "connect_timeout_s": 0.3, "read_timeout_s": 5.0}
+        )
+        error, elapsed = _timed_fetch(f"http://127.0.0.1:{port}/face.png", settings)
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+    assert error.kind == "image_fetch_failed" and error.retriable
+    assert 0.3 <= elapsed < 1.5
