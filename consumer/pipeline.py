@@ -35,6 +35,7 @@ from consumer.committer import CommitError, Committer, OffsetCommitter, Transact
 from consumer.config import WorkerSettings
 from consumer.decode_pool import Decoder, make_decoder
 from consumer.errors import EventError
+from consumer.http_fetch import close_idle_connections
 from consumer.inference import BatchRunner, Classifier
 from consumer.kafka_io import consumer_config, producer_config, to_record
 from consumer.offsets import OffsetTracker
@@ -445,6 +446,7 @@ class Worker:
     def _close(self, code: int) -> int:
         self._closing = True
         self._decoder.close()
+        close_idle_connections()
         if code != 0:
             self._committer.abort()
             # Undelivered outcomes must not be retried into a partition we no longer own.
