@@ -92,6 +92,11 @@ class _Process:
         env = dict(os.environ)
         # One image per process at a time: library thread pools would only oversubscribe.
         env.update(OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        # glibc would return each frame's buffers to the kernel and fault them in again for
+        # the next one: ~10 ms of a 1080p frame (bench/prepare_bench.py). Keeping freed
+        # memory is bounded anyway by decode.max_memory_mb.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 << 20))
+        env.setdefault("MALLOC_TRIM_THRESHOLD_", str(256 << 20))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", module, json.dumps(config)],
             stdin=subprocess.PIPE,
