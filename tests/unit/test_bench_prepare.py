@@ -16,7 +16,7 @@ ROWS = {
     "fer48-png+process",
     "1080p-boxes",
     "1080p-boxes+process",
-    "1080p-boxes+process+malloc",
+    "1080p-boxes+process+glibc-defaults",
     "1080p-haar",
     "720p-haar",
 }
