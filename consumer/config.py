@@ -240,6 +240,10 @@ class FaceSettings(_Section):
     min_face_px: int = Field(default=32, ge=8, le=4096)
     # Detections beyond this many (largest first) are dropped.
     max_faces: int = Field(default=16, ge=1, le=64)
+    # The crops of one event together (after the margin) may hold at most this many
+    # pixels: 64 boxes over a whole frame would otherwise turn one small file into
+    # hundreds of MB of crops. Over it, the event is image_too_large.
+    max_crop_pixels: int = Field(default=16_000_000, ge=1)
     # Frames are shrunk so their longer side is at most this before detection (speed);
     # boxes are scaled back to full-resolution coordinates.
     detect_max_side: int = Field(default=960, ge=64, le=8192)

@@ -41,8 +41,8 @@ log = structlog.get_logger("consumer.decode_pool")
 
 # How long a new decoder process may take to import its libraries and answer.
 _START_TIMEOUT_S = 60.0
-# Crops of one frame: at most 64 faces, each at most the frame; generous but finite.
-_MAX_REPLY_BYTES = 1 << 31
+# The reply's JSON header and framing, beyond the crops' pixels.
+_REPLY_SLACK = 1 << 20
 
 
 class DecoderUnavailableError(RuntimeError):
@@ -173,6 +173,8 @@ class ProcessDecoder:
             "max_memory_mb": settings.max_memory_mb,
         }
         self._max_bytes = max_bytes
+        # A longer reply than the crop budget allows means a confused decoder process.
+        self._max_reply = faces.max_crop_pixels * 3 + _REPLY_SLACK
         # Idle processes; None is a slot whose process must be (re)started before use.
         self._idle: queue.Queue[_Process | None] = queue.Queue()
         self._closed = False
@@ -185,7 +187,7 @@ class ProcessDecoder:
         """A new decoder process that has answered one trivial frame (so it works)."""
         process = _Process(self._config, self._module)
         try:
-            process.call(b"", None, _START_TIMEOUT_S, _MAX_REPLY_BYTES)
+            process.call(b"", None, _START_TIMEOUT_S, self._max_reply)
         except (TimeoutError, EOFError, ValueError, OSError) as exc:
             status = process.stop(kill=True)
             raise DecoderUnavailableError(
@@ -207,7 +209,7 @@ class ProcessDecoder:
                 raise
         keep = False
         try:
-            header, payload = process.call(data, boxes, self.settings.timeout_s, _MAX_REPLY_BYTES)
+            header, payload = process.call(data, boxes, self.settings.timeout_s, self._max_reply)
             keep = process.tasks < self.settings.max_tasks_per_process
         except TimeoutError:
             self.timeouts += 1

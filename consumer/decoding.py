@@ -59,6 +59,14 @@ class FrameCropper:
             found = whole_image(image.size)
         else:
             found = [grow(b, self.faces.margin, image.size) for b in self.detector.detect(image)]
+        area = sum(b.width * b.height for b in found)
+        if area > self.faces.max_crop_pixels:
+            raise EventError(
+                "image_too_large",
+                f"the {len(found)} face box(es) cover {area} pixels in all, over "
+                f"faces.max_crop_pixels={self.faces.max_crop_pixels}; send fewer or smaller "
+                "boxes",
+            )
         crops = crop_faces(image, found)
         for crop in crops:
             # Crops are views in Pillow's lazy sense; load now so the frame can be freed.
@@ -115,9 +123,10 @@ def decode_cropped(header: dict[str, Any], payload: bytes) -> Cropped:
     if len(sizes) != len(boxes) or sum(w * h * 3 for w, h in sizes) != len(payload):
         raise ValueError("decoder reply: crop sizes do not match the payload")
     crops, cursor = [], 0
+    view = memoryview(payload)  # slices without copying; frombytes makes the one copy
     for width, height in sizes:
         end = cursor + width * height * 3
-        crops.append(Image.frombytes("RGB", (width, height), payload[cursor:end]))
+        crops.append(Image.frombytes("RGB", (width, height), view[cursor:end]))
         cursor = end
     return Cropped(boxes, crops)
 

@@ -6,11 +6,13 @@ import base64
 import binascii
 import io
 import os
+import stat
 import time
 import warnings
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from consumer.config import FetchSettings
@@ -53,6 +55,8 @@ def fetch_bytes(uri: str, settings: FetchSettings) -> bytes:
 def _read_file(uri: str, settings: FetchSettings) -> bytes:
     max_bytes = settings.max_bytes
     path = Path(unquote(urlsplit(uri).path))
+    if "\x00" in str(path):
+        raise EventError("image_fetch_refused", f"image file path {str(path)!r} has a NUL byte")
     if settings.file_roots is not None:
         # The real path: ".." and symlinks must not lead out of the configured roots.
         real = Path(os.path.realpath(path))
@@ -64,14 +68,32 @@ def _read_file(uri: str, settings: FetchSettings) -> bytes:
             )
         path = real  # open what was checked, not the name that might be swapped meanwhile
     try:
-        with path.open("rb") as handle:
-            data = handle.read(max_bytes + 1)
+        # O_NONBLOCK: opening a FIFO must not wait for a writer. What was opened is then
+        # checked to be a regular file, so pipes, devices and sockets are refused.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError as exc:
         raise EventError("image_not_found", f"image file {path} does not exist") from exc
-    except IsADirectoryError as exc:
-        raise EventError("image_not_found", f"image path {path} is a folder") from exc
     except PermissionError as exc:
         raise EventError("image_not_found", f"image file {path} is not readable") from exc
+    except OSError as exc:  # ENOTDIR, ELOOP, ENAMETOOLONG, EISDIR...
+        raise EventError(
+            "image_not_found", f"image file {path} cannot be opened: {exc.strerror}"
+        ) from exc
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise EventError("image_not_found", f"image path {path} is a folder")
+        raise EventError(
+            "image_fetch_refused", f"image path {path} is not a regular file (a pipe or device)"
+        )
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            data = handle.read(max_bytes + 1)
+        except OSError as exc:
+            raise EventError(
+                "image_fetch_failed", f"image file {path} could not be read: {exc}", retriable=True
+            ) from exc
     if len(data) > max_bytes:
         raise EventError("image_too_large", f"image file {path} is over {max_bytes} bytes")
     return data
@@ -128,6 +150,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Any mode to RGB; transparent pixels become white rather than arbitrary colours."""
     if image.mode == "RGB":
         return image
+    if image.mode.startswith("I;16") or image.mode in ("I", "F"):
+        # 16-bit (or wider) samples: Pillow's convert() would clip them at 255, turning
+        # a 16-bit face white. Scale the full range down to 8 bits instead.
+        samples = np.asarray(image, dtype=np.float64)
+        wide = image.mode.startswith("I;16") or float(samples.max(initial=0)) > 255
+        top = 65535.0 if wide else 255.0
+        scaled = np.clip(np.rint(samples * (255.0 / top)), 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, "L").convert("RGB")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA"):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from collections.abc import Sequence
@@ -41,13 +40,21 @@ def parse_event(record: InputRecord, max_event_bytes: int) -> FrameEvent:
             f"event is {len(record.value)} bytes, over flow.max_event_bytes={max_event_bytes}",
         )
     try:
-        json.loads(record.value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        # Strict UTF-8 first: json.loads would also accept UTF-16/32 and lone surrogates.
+        text = record.value.decode("utf-8")
+    except UnicodeDecodeError as exc:
         raise EventError("not_json", f"event is not UTF-8 JSON: {exc}") from exc
     try:
-        return FrameEvent.model_validate_json(record.value)
+        # pydantic's own JSON parser: it has a nesting limit (no RecursionError) and no
+        # limit on integer digits to trip over, so any input ends as an EventError.
+        return FrameEvent.model_validate_json(text)
     except ValidationError as exc:
+        invalid = [e for e in exc.errors() if e["type"] == "json_invalid"]
+        if invalid:
+            raise EventError("not_json", f"event is not UTF-8 JSON: {invalid[0]['msg']}") from exc
         raise EventError("invalid_event", describe_validation_error(exc, source="field")) from exc
+    except (RecursionError, ValueError) as exc:  # defence in depth; not seen with pydantic
+        raise EventError("not_json", f"event is not UTF-8 JSON: {exc}") from exc
 
 
 def prepare_event(
