@@ -12,7 +12,6 @@ import io
 import ipaddress
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -30,6 +29,7 @@ from consumer.config import FetchSettings
 from consumer.errors import EventError
 from consumer.http_fetch import forbidden_reason, resolve_checked
 from consumer.images import decode_image, fetch_bytes, fetch_with_retries
+from tests.support.network import guard_loopback, self_signed_certificate
 
 PUBLIC = "93.184.216.34"  # a global address; never actually connected to
 
@@ -70,19 +70,11 @@ class Resolver:
 @pytest.fixture
 def connects(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
     """Records every connect; lets loopback through and fails the test on anything else."""
-    seen: list[tuple[Any, ...]] = []
-    real_connect = socket.socket.connect
-
-    def guarded(sock: socket.socket, address: Any) -> None:
-        seen.append(tuple(address))
-        if not ipaddress.ip_address(address[0]).is_loopback:
-            pytest.fail(f"a connection to {address} was attempted")
-        real_connect(sock, address)
+    seen = guard_loopback(monkeypatch)
 
     def no_create_connection(*args: Any, **kwargs: Any) -> socket.socket:
         pytest.fail("socket.create_connection does a second DNS lookup and must not be used")
 
-    monkeypatch.setattr(socket.socket, "connect", guarded)
     monkeypatch.setattr(socket, "create_connection", no_create_connection)
     return seen
 
@@ -322,19 +314,8 @@ def test_total_deadline_holds(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for images.test (openssl CLI)."""
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-subj", "/CN=images.test", "-addext", "subjectAltName=DNS:images.test"),
-            *("-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    """A self-signed certificate for images.test."""
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture

@@ -7,10 +7,8 @@ TCP connections it accepts; every client connect is checked to be loopback too.
 from __future__ import annotations
 
 import io
-import ipaddress
 import socket
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +24,7 @@ from consumer import http_fetch
 from consumer.config import FetchSettings
 from consumer.errors import EventError
 from consumer.images import fetch_bytes, fetch_with_retries
+from tests.support.network import guard_loopback, self_signed_certificate
 
 
 def _png() -> bytes:
@@ -145,14 +144,7 @@ def keepalive() -> Iterator[KeepAliveServer]:
 @pytest.fixture(autouse=True)
 def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """An empty pool before and after; any connect beyond loopback fails the test."""
-    real_connect = socket.socket.connect
-
-    def guarded(sock: socket.socket, address: Any) -> None:
-        if not ipaddress.ip_address(address[0]).is_loopback:
-            pytest.fail(f"a connection to {address} was attempted")
-        real_connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded)
+    guard_loopback(monkeypatch)
     http_fetch.close_idle_connections()
     yield
     http_fetch.close_idle_connections()
@@ -353,19 +345,8 @@ def test_a_pooled_connection_is_not_used_once_the_host_resolves_elsewhere(
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for images.test (openssl CLI)."""
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
-            *("-subj", "/CN=images.test", "-addext", "subjectAltName=DNS:images.test"),
-            *("-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
+    """A self-signed certificate for images.test."""
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"))
 
 
 def test_tls_connections_are_reused(

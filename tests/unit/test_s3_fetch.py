@@ -8,11 +8,9 @@ this process is checked: nothing but 127.0.0.1 is ever reached.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import random
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +27,7 @@ from consumer.errors import EventError
 from consumer.images import fetch_with_retries
 from consumer.s3_fetch import fetch_s3, parse_s3_uri, s3_client
 from schemas import FrameEvent
+from tests.support.network import guard_loopback
 from tests.support.s3_server import DUMMY_KEY_ID, DUMMY_SECRET, S3Server, free_port
 
 BUCKET = "frames"
@@ -54,17 +53,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 @pytest.fixture(autouse=True)
 def loopback_only(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
     """Fails the test on any connect to an address other than loopback (e.g. IMDS)."""
-    seen: list[tuple[Any, ...]] = []
-    real_connect = socket.socket.connect
-
-    def guarded(sock: socket.socket, address: Any) -> None:
-        seen.append(tuple(address))
-        if not ipaddress.ip_address(address[0]).is_loopback:
-            pytest.fail(f"a connection to {address} was attempted")
-        real_connect(sock, address)
-
-    monkeypatch.setattr(socket.socket, "connect", guarded)
-    return seen
+    return guard_loopback(monkeypatch)
 
 
 @pytest.fixture
