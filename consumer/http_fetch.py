@@ -46,6 +46,7 @@ idempotent). ``close_idle_connections()`` closes what the pool holds (shutdown, 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import heapq
 import http.client
@@ -57,8 +58,9 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 from consumer.config import FetchSettings
@@ -110,7 +112,9 @@ def fetch_http(uri: str, settings: FetchSettings) -> bytes:
         url = uri
         for hop in range(settings.max_redirects + 1):
             target = _parse(url, first=hop == 0)
-            addresses = resolve_checked(target.host, target.port, settings.allow_hosts)
+            addresses = resolve_checked(
+                target.host, target.port, settings.allow_hosts, fetch.timeout(settings.timeout_s)
+            )
             location = _exchange(target, addresses, fetch)
             if isinstance(location, bytes):
                 return location
@@ -146,15 +150,24 @@ def _parse(url: str, *, first: bool) -> _Target:
     return _Target(url, parts.scheme, parts.hostname, port or default, path)
 
 
-def resolve_checked(host: str, port: int, allow_hosts: Iterable[str]) -> Pinned:
+def resolve_checked(
+    host: str, port: int, allow_hosts: Iterable[str], timeout_s: float | None = None
+) -> Pinned:
     """Resolve `host` once; every address must be public or allowed, else image_fetch_refused.
 
-    Returns (family, sockaddr) pairs to connect to, in the resolver's order.
+    Returns (family, sockaddr) pairs to connect to, in the resolver's order. With
+    `timeout_s`, a lookup that takes longer fails (retriable) instead of holding the fetch.
     """
     names, networks = _split_allow(allow_hosts)
     host_allowed = host.lower().rstrip(".") in names
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = _lookup(host, port, timeout_s)
+    except TimeoutError:
+        raise EventError(
+            "image_fetch_failed",
+            f"the DNS lookup of {host!r} took over {timeout_s:.3g}s",
+            retriable=True,
+        ) from None
     except (socket.gaierror, UnicodeError) as exc:
         # DNS failures are often transient: retriable, like any network error.
         raise EventError(
@@ -172,13 +185,33 @@ def resolve_checked(host: str, port: int, allow_hosts: Iterable[str]) -> Pinned:
                 # One bad address refuses the host: we must not pick and choose, since a
                 # later connection attempt could fall through to it.
                 raise _refused(f"host {host!r}", f"it resolves to {address}, {reason}")
-        # typeshed types sockaddr for every family; only AF_INET/AF_INET6 get here.
-        checked.append((family, sockaddr))  # type: ignore[arg-type]
+        # Only AF_INET/AF_INET6 get here: (host, port) or (host, port, flow, scope).
+        checked.append((family, sockaddr))
     if not checked:
         raise EventError(
             "image_fetch_failed", f"host {host!r} has no IPv4 or IPv6 address", retriable=True
         )
     return checked
+
+
+# getaddrinfo cannot be interrupted, and a host under an attacker's domain can have a
+# name server that answers slowly on purpose. Lookups run here so that the fetch can
+# stop waiting at its deadline; a stuck lookup holds one of these threads until the
+# resolver's own timeout (resolv.conf) ends it.
+_resolver_pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="dns")
+# getaddrinfo's rows; typeshed types the address part per family, read as a plain tuple.
+AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
+
+
+def _lookup(host: str, port: int, timeout_s: float | None) -> Sequence[AddrInfo]:
+    if timeout_s is None:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    future = _resolver_pool.submit(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    try:
+        return future.result(timeout_s)
+    except concurrent.futures.TimeoutError:
+        future.cancel()
+        raise TimeoutError from None
 
 
 def forbidden_reason(address: IPAddress) -> str | None:
@@ -698,9 +731,10 @@ _pool = _Pool()
 
 def _reset_after_fork() -> None:
     """A forked child must not share the parent's connections, lock states or thread."""
-    global _watchdog, _pool
+    global _watchdog, _pool, _resolver_pool
     _watchdog = _Watchdog()
     _pool = _Pool()
+    _resolver_pool = concurrent.futures.ThreadPoolExecutor(16, thread_name_prefix="dns")
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)

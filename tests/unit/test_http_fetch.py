@@ -578,3 +578,21 @@ def test_connect_timeout_holds_against_a_full_accept_queue(
         listener.close()
     assert error.kind == "image_fetch_failed" and error.retriable
     assert 0.3 <= elapsed < 1.5
+
+
+def test_a_slow_dns_lookup_is_cut_off_at_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A name server that answers slowly on purpose cannot be set up on loopback without
+    # changing the machine's resolver, so getaddrinfo itself is made slow here.
+    def slow(*args: Any, **kwargs: Any) -> list[Any]:
+        time.sleep(3)
+        return []
+
+    monkeypatch.setattr(socket, "getaddrinfo", slow)
+    settings = FetchSettings(timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(EventError) as info:
+        fetch_bytes("http://images.example/face.png", settings)
+    elapsed = time.monotonic() - started
+    assert info.value.kind == "image_fetch_failed" and info.value.retriable
+    assert "DNS lookup" in info.value.message
+    assert elapsed < 1.5
