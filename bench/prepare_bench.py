@@ -328,21 +328,6 @@ def _cpu_s(pid: int) -> float:
     return total
 
 
-def decoder_pids() -> list[int]:
-    """This process's children that run consumer.decode_child."""
-    me, pids = os.getpid(), []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            if ppid == me and b"consumer.decode_child" in (entry / "cmdline").read_bytes():
-                pids.append(int(entry.name))
-        except (OSError, ValueError, IndexError):
-            continue  # gone meanwhile, or not ours to read
-    return pids
-
-
 @dataclass
 class Runs:
     """Per-run totals: images, CPU seconds (this process and its decoders), wall seconds."""
@@ -486,7 +471,7 @@ def measure_process(
     cpu = time.process_time()
     with environ(env or {}):
         decoder = ProcessDecoder(settings, work.faces, fetch.max_pixels, fetch.max_bytes)
-    children = decoder_pids()
+    children = decoder.pids()
     if len(children) != 1:
         decoder.close()
         raise RuntimeError(f"expected one decoder process, found {children}")

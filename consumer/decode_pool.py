@@ -241,6 +241,11 @@ class ProcessDecoder:
             raise EventError(header["kind"], str(header["message"]))
         return decode_cropped(header, payload)
 
+    def pids(self) -> list[int]:
+        """Process ids of the idle decoder processes (for monitoring and benchmarks)."""
+        with self._idle.mutex:
+            return [p.proc.pid for p in self._idle.queue if p is not None]
+
     def close(self) -> None:
         self._closed = True
         while True:
