@@ -277,6 +277,44 @@ class FlowSettings(_Section):
         return self
 
 
+class HealthSettings(_Section):
+    # One HTTP server for /metrics (Prometheus), /readyz and /livez.
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(default=8080, ge=0, le=65535)  # 0: any free port (tests)
+    # /livez fails when the poll loop has not turned for this long (it turns at least
+    # every kafka.poll_timeout_s while healthy, also while paused)...
+    loop_stall_s: float = Field(default=60.0, gt=0)
+    # ...or when there is consumer lag but no input offset has advanced for this long:
+    # a worker stuck without crashing must be restarted, not left "healthy".
+    stall_timeout_s: float = Field(default=300.0, gt=0)
+    # How often librdkafka reports statistics (consumer lag per partition).
+    statistics_interval_s: float = Field(default=5.0, gt=0, le=600)
+
+
+class ProcessSettings(_Section):
+    # "single": this process is the worker. "auto": a supervisor starts one worker
+    # process per visible CUDA GPU. A list ("cuda:0", "cuda:1", or "cpu" entries for
+    # tests): one worker process per entry. All join the same consumer group; each is
+    # pinned to its device (CUDA_VISIBLE_DEVICES) and serves health on health.port + i.
+    devices: Literal["single", "auto"] | tuple[str, ...] = "single"
+
+    @field_validator("devices")
+    @classmethod
+    def _check_devices(
+        cls, value: Literal["single", "auto"] | tuple[str, ...]
+    ) -> Literal["single", "auto"] | tuple[str, ...]:
+        if isinstance(value, tuple):
+            if not value:
+                raise ValueError("processes.devices is an empty list; use 'single' or 'auto'")
+            for device in value:
+                if not re.fullmatch(r"cpu|cuda:\d+", device):
+                    raise ValueError(
+                        f"processes.devices entry {device!r} must be 'cpu' or 'cuda:<index>'"
+                    )
+        return value
+
+
 class LogSettings(_Section):
     format: Literal["auto", "json", "console"] = "auto"
     level: Literal["debug", "info", "warning", "error"] = "info"
@@ -299,6 +337,8 @@ class WorkerSettings(BaseSettings):
     decode: DecodeSettings = DecodeSettings()
     faces: FaceSettings = FaceSettings()
     flow: FlowSettings = FlowSettings()
+    health: HealthSettings = HealthSettings()
+    processes: ProcessSettings = ProcessSettings()
     log: LogSettings = LogSettings()
 
     @field_validator("kafka", mode="before")

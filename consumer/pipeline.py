@@ -45,6 +45,17 @@ from consumer.work import FailedEvent, InputRecord, Outcome, PreparedEvent
 log = structlog.get_logger("consumer.pipeline")
 
 CLOSE_TIMEOUT_S = 10.0
+# Client errors that retrying cannot fix: bad credentials or missing ACLs.
+_AUTH_ERRORS = frozenset(
+    {
+        KafkaError._AUTHENTICATION,
+        KafkaError.SASL_AUTHENTICATION_FAILED,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.GROUP_AUTHORIZATION_FAILED,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+    }
+)
 
 __all__ = ["Classifier", "Worker", "WorkerStats"]
 
@@ -306,6 +317,13 @@ class Worker:
         # librdkafka recovers; a fatal one (e.g. a fenced idempotent producer) is not.
         if error.fatal():
             self._fail(f"fatal Kafka client error: {error}")
+        elif error.code() in _AUTH_ERRORS:
+            # librdkafka would retry wrong credentials forever while the worker looks
+            # alive and does nothing: stop, and say which settings to check.
+            self._fail(
+                f"Kafka authentication or authorization failed: {error.str()}; check the "
+                "sasl.* / ssl.* entries of kafka.common_config (or the topic and group ACLs)"
+            )
         else:
             # librdkafka's own log line (through CLIENT_LOGGER) already says it at warning.
             log.debug("kafka client error", error=str(error), code=error.name())

@@ -104,6 +104,9 @@ def start_worker(
             # Image servers under test listen on loopback, which the SSRF guard refuses
             # by default; a test may still override this.
             "fetch__allow_hosts": '["127.0.0.1"]',
+            # Several workers run at once: each takes a free port for its health server.
+            "health__host": "127.0.0.1",
+            "health__port": "0",
             **settings,
         }
         worker = WorkerProcess(tmp_path / f"worker-{len(started)}.log", env, module)
