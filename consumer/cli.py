@@ -10,9 +10,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from consumer.config import ConfigError, WorkerSettings, load_settings
+
+if TYPE_CHECKING:  # the run path imports these lazily: `--help` must not load torch
+    from consumer.metrics import HealthState, WorkerMetrics
 
 # Flag -> (section, field) of WorkerSettings; flags beat the environment and the file.
 _RUN_FLAGS: dict[str, tuple[str, str]] = {
@@ -123,15 +126,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from consumer.engine import EmotionEngine
+    from consumer.health import HealthServer
     from consumer.logs import configure_logging, get_logger
-    from consumer.pipeline import Worker
+    from consumer.metrics import HealthState, WorkerMetrics
 
     stop = StopSignals()  # before the slow model load: a stop then must not be lost
     settings = load_settings(args.config, overrides_from_flags(args))
+    if settings.processes.devices != "single":  # one worker process per device
+        from consumer.supervisor import run_supervisor
+
+        return run_supervisor(settings, args.config, overrides_from_flags(args))
     configure_logging(settings.log)
     log = get_logger("consumer.cli")
     log.info("effective config", config=masked_settings(settings))
+    # Up before the (minutes-long) model load: /livez answers, /readyz says not yet.
+    metrics = WorkerMetrics()
+    health = HealthState(settings.health.loop_stall_s, settings.health.stall_timeout_s)
+    server = (
+        HealthServer(settings.health.host, settings.health.port, metrics, health).start()
+        if settings.health.enabled
+        else None
+    )
+    try:
+        return _serve(settings, stop, metrics, health)
+    finally:
+        if server is not None:
+            server.close()
+
+
+def _serve(
+    settings: WorkerSettings, stop: StopSignals, metrics: WorkerMetrics, health: HealthState
+) -> int:
+    """Load and warm the model, then run the worker until it stops; the exit code."""
+    from consumer.engine import EmotionEngine
+    from consumer.logs import get_logger
+    from consumer.pipeline import Worker
+
+    log = get_logger("consumer.cli")
     started = time.perf_counter()
     engine = EmotionEngine.load(settings.model, max_batch_size=settings.batch.max_batch_size)
     loaded = time.perf_counter()
@@ -150,7 +181,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if stop.requested:
         log.info("stopped before consuming anything")
         return 0
-    worker = Worker(settings, engine)
+    health.model_ready = True
+    worker = Worker(settings, engine, metrics=metrics, health=health)
     stop.on_stop(worker.request_stop)
     code = worker.run()
     if not worker.closed_cleanly:

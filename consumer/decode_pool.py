@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import structlog
@@ -162,8 +163,11 @@ class ProcessDecoder:
         max_bytes: int,
         *,
         module: str = "consumer.decode_child",
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings
+        # Told "crash" or "timeout" each time a process is lost (the worker's metrics).
+        self._on_failure = on_failure or (lambda cause: None)
         # The program each process runs; tests substitute one that can be made to crash.
         self._module = module
         self._config = {
@@ -213,6 +217,7 @@ class ProcessDecoder:
             keep = process.tasks < self.settings.max_tasks_per_process
         except TimeoutError:
             self.timeouts += 1
+            self._on_failure("timeout")
             process.stop(kill=True)
             raise EventError(
                 "image_undecodable",
@@ -221,6 +226,7 @@ class ProcessDecoder:
             ) from None
         except (EOFError, ValueError, OSError) as exc:
             self.crashes += 1
+            self._on_failure("crash")
             status = process.stop(kill=True)
             log.warning("decoder process crashed", status=_describe(status))
             raise EventError(
@@ -269,8 +275,12 @@ def _describe(status: int | None) -> str:
 
 
 def make_decoder(
-    settings: DecodeSettings, faces: FaceSettings, max_pixels: int, max_bytes: int
+    settings: DecodeSettings,
+    faces: FaceSettings,
+    max_pixels: int,
+    max_bytes: int,
+    on_failure: Callable[[str], None] | None = None,
 ) -> Decoder:
     if settings.isolation == "thread":
         return InlineDecoder(faces, max_pixels)
-    return ProcessDecoder(settings, faces, max_pixels, max_bytes)
+    return ProcessDecoder(settings, faces, max_pixels, max_bytes, on_failure=on_failure)

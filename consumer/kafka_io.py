@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -46,6 +47,8 @@ def consumer_config(
     settings: KafkaSettings,
     error_cb: Callable[[KafkaError], None] | None = None,
     on_commit: Callable[[KafkaError | None, list[Any]], None] | None = None,
+    stats_cb: Callable[[str], None] | None = None,
+    statistics_interval_s: float = 5.0,
 ) -> dict[str, Any]:
     """librdkafka consumer settings: ours, then the user's common and consumer overrides."""
     overrides = {**settings.common_config, **settings.consumer_config}
@@ -66,6 +69,10 @@ def consumer_config(
         config["error_cb"] = error_cb
     if on_commit is not None:
         config["on_commit"] = on_commit
+    if stats_cb is not None:
+        # Consumer lag per partition comes from these statistics (served by poll).
+        config["stats_cb"] = stats_cb
+        config["statistics.interval.ms"] = int(statistics_interval_s * 1000)
     return {**config, **overrides, **_CONSUMER_FIXED}
 
 
@@ -111,6 +118,7 @@ def to_record(message: Message) -> InputRecord:
         value=message.value() or b"",
         headers=headers,
         timestamp_ms=timestamp if timestamp_type else None,
+        read_at=time.monotonic(),
     )
 
 

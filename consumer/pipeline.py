@@ -38,6 +38,7 @@ from consumer.errors import EventError
 from consumer.http_fetch import close_idle_connections
 from consumer.inference import BatchRunner, Classifier
 from consumer.kafka_io import consumer_config, producer_config, to_record
+from consumer.metrics import HealthState, WorkerMetrics, gpu_memory_bytes, lag_from_statistics
 from consumer.offsets import OffsetTracker
 from consumer.stages import parse_event, prepare_event
 from consumer.work import FailedEvent, InputRecord, Outcome, PreparedEvent
@@ -96,10 +97,17 @@ class Worker:
         consumer_factory: Callable[[dict[str, Any]], Consumer] = Consumer,
         producer_factory: Callable[[dict[str, Any]], Producer] = Producer,
         decoder: Decoder | None = None,
+        metrics: WorkerMetrics | None = None,
+        health: HealthState | None = None,
     ) -> None:
         self.settings = settings
         self.engine = engine
         self.stats = WorkerStats()
+        self.metrics = metrics or WorkerMetrics()
+        self.health = health or HealthState(
+            settings.health.loop_stall_s, settings.health.stall_timeout_s
+        )
+        self._gauges_at = 0.0
         self.tracker = OffsetTracker()
         kafka = settings.kafka
         self.batcher = MicroBatcher(
@@ -107,7 +115,13 @@ class Worker:
         )
         self.runner = BatchRunner(engine, kafka.output_topic, kafka.dead_letter_topic)
         self._consumer = consumer_factory(
-            consumer_config(kafka, error_cb=self._on_client_error, on_commit=self._on_commit)
+            consumer_config(
+                kafka,
+                error_cb=self._on_client_error,
+                on_commit=self._on_commit,
+                stats_cb=self._on_statistics,
+                statistics_interval_s=settings.health.statistics_interval_s,
+            )
         )
         self._producer = producer_factory(producer_config(kafka, error_cb=self._on_client_error))
         self._committer: Committer = (
@@ -119,7 +133,11 @@ class Worker:
         # Started here, before joining the group: a worker that cannot decode must fail
         # at start, not after taking partitions.
         self._decoder = decoder or make_decoder(
-            settings.decode, settings.faces, settings.fetch.max_pixels, settings.fetch.max_bytes
+            settings.decode,
+            settings.faces,
+            settings.fetch.max_pixels,
+            settings.fetch.max_bytes,
+            on_failure=lambda cause: self.metrics.decoder_failures.labels(cause=cause).inc(),
         )
         # Held while producing a batch's outcomes and while committing or revoking, so a
         # commit sees every produced outcome and nothing is produced for a revoked partition.
@@ -139,6 +157,7 @@ class Worker:
 
     def request_stop(self) -> None:
         """Stop taking new events; run() drains what is in flight and returns."""
+        self.health.stopping = True
         self._stop.set()
 
     @property
@@ -166,6 +185,9 @@ class Worker:
             on_revoke=self._on_revoke,
             on_lost=self._on_lost,
         )
+        # Subscribed: waiting for an assignment is a ready state (a worker with no
+        # partitions, one of more replicas than partitions, is not broken).
+        self.health.subscribed = True
         self._engine_thread.start()
         try:
             while not self._stop.is_set() and self._fatal is None:
@@ -177,6 +199,7 @@ class Worker:
     # ---- poll loop ----------------------------------------------------------------------
 
     def _poll_once(self) -> None:
+        self.health.loop_turned()
         self._producer.poll(0)  # serve delivery reports -> tracker.mark_done
         room = self._apply_backpressure()
         # Never take more than the in-flight limit leaves room for (paused: nothing comes).
@@ -186,6 +209,7 @@ class Worker:
         for message in messages:
             self._handle(message)
         self._maybe_commit()
+        self._update_gauges()
 
     def _handle(self, message: Message) -> None:
         error = message.error()
@@ -200,6 +224,7 @@ class Worker:
             return  # fetched before a revoke; the new owner reads it
         self.tracker.track(record.topic_partition, record.offset, len(record.value))
         self.stats.add(consumed=1)
+        self.metrics.events_consumed.inc()
         try:
             event = parse_event(record, self.settings.flow.max_event_bytes)
         except EventError as exc:
@@ -211,6 +236,9 @@ class Worker:
 
     def _prepare(self, record: InputRecord, event: Any) -> Item:
         item = prepare_event(record, event, self.settings.fetch, self._decoder)
+        attempts = item.fetch_attempts if isinstance(item, PreparedEvent) else item.attempts
+        if attempts > 1:
+            self.metrics.fetch_retries.inc(attempts - 1)
         if isinstance(item, PreparedEvent):
             held = sum(c.width * c.height * 3 for c in item.crops)
             self.tracker.add_size(record.topic_partition, record.offset, held)
@@ -252,11 +280,17 @@ class Worker:
                     if self._engine_stop.is_set():
                         return
                     continue
+                started = time.monotonic()
+                for item in batch:
+                    self.metrics.queue_wait.observe(started - item.record.read_at)
                 outcomes = self.runner.run(batch)
-                self.stats.add(
-                    batches=1,
-                    faces=sum(len(i.crops) for i in batch if isinstance(i, PreparedEvent)),
+                faces = sum(len(i.crops) for i in batch if isinstance(i, PreparedEvent))
+                self.metrics.model_time.observe(time.monotonic() - started)
+                self.metrics.batch_faces.observe(faces)
+                self.metrics.batch_fill_ratio.observe(
+                    len(batch) / self.settings.batch.max_batch_size
                 )
+                self.stats.add(batches=1, faces=faces)
                 with self._publish_lock:
                     for outcome in outcomes:
                         self._publish(outcome)
@@ -281,7 +315,7 @@ class Worker:
                 log.debug("result published", topic=outcome.topic)
 
         def delivered(error: KafkaError | None, _message: Message) -> None:
-            self._on_delivery(record, outcome.is_dead_letter, error)
+            self._on_delivery(outcome, error)
 
         while True:
             try:
@@ -297,7 +331,8 @@ class Worker:
             except BufferError:
                 self._producer.poll(0.05)  # local queue full: let deliveries drain it
 
-    def _on_delivery(self, record: InputRecord, dead: bool, error: KafkaError | None) -> None:
+    def _on_delivery(self, outcome: Outcome, error: KafkaError | None) -> None:
+        record = outcome.record
         if error is not None:
             # Never commit past an unacknowledged result: stop, and let the events be
             # redelivered to whoever owns the partition next.
@@ -306,11 +341,19 @@ class Worker:
                 f"was not delivered: {error}"
             )
             return
-        if dead:
+        if outcome.is_dead_letter:
             self.stats.add(dead_letters=1)
+            self.metrics.dead_letters.labels(reason=outcome.label).inc()
         else:
             self.stats.add(results=1)
+            self.metrics.results_published.labels(status=outcome.label).inc()
+        now = time.time()
+        if outcome.captured_at is not None:
+            self.metrics.capture_to_publish.observe(max(0.0, now - outcome.captured_at.timestamp()))
+        if record.timestamp_ms is not None:
+            self.metrics.kafka_to_publish.observe(max(0.0, now - record.timestamp_ms / 1000))
         self.tracker.mark_done(record.topic_partition, record.offset)
+        self.health.progressed()
 
     def _on_client_error(self, error: KafkaError) -> None:
         # Served from poll/consume on the poll thread. Most errors are transient and
@@ -347,6 +390,7 @@ class Worker:
         }
         if failed:
             # Sent again with the next commit; nothing is lost, only delayed.
+            self.metrics.commits.labels(outcome="failed").inc()
             self.tracker.mark_commit_failed(failed)
             log.warning("commit failed; will retry", error=str(error or partitions[0].error))
 
@@ -367,6 +411,7 @@ class Worker:
             try:
                 self._committer.commit(offsets, wait=wait)
             except CommitError as exc:
+                self.metrics.commits.labels(outcome="failed").inc()
                 if exc.fatal:
                     self._fail(str(exc))
                 else:
@@ -375,7 +420,32 @@ class Worker:
             self._produced_since_commit = 0
         self.tracker.mark_committed(offsets)
         self.stats.add(commits=1)
+        self.metrics.commits.labels(outcome="ok").inc()
         log.debug("offsets committed", offsets={f"{t}:{p}": o for (t, p), o in offsets.items()})
+
+    def _on_statistics(self, stats_json: str) -> None:
+        """librdkafka statistics (served by consume on the poll thread): consumer lag."""
+        try:
+            lag = lag_from_statistics(stats_json)
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.debug("unreadable client statistics", error=str(exc))
+            return
+        self.health.set_lag(lag)
+        self.metrics.consumer_lag.clear()  # partitions that left must not linger
+        for (topic, partition), value in lag.items():
+            self.metrics.consumer_lag.labels(topic=topic, partition=str(partition)).set(value)
+
+    def _update_gauges(self) -> None:
+        """In-flight, partition and GPU-memory gauges, at most once a second."""
+        now = time.monotonic()
+        if now - self._gauges_at < 1.0:
+            return
+        self._gauges_at = now
+        self.metrics.in_flight.set(self.tracker.in_flight())
+        assigned = len(self._consumer.assignment())
+        self.metrics.assigned_partitions.set(assigned)
+        self.metrics.paused_partitions.set(assigned if self._paused else 0)
+        self.metrics.gpu_memory.set(gpu_memory_bytes())
 
     def _fail(self, reason: str) -> None:
         if self._fatal is None:
@@ -438,6 +508,7 @@ class Worker:
     # ---- shutdown -----------------------------------------------------------------------
 
     def _shutdown(self) -> int:
+        self.health.stopping = True
         deadline = time.monotonic() + self.settings.flow.drain_timeout_s
         self._consumer.pause(self._consumer.assignment())
         while self._fatal is None and self.tracker.in_flight() and time.monotonic() < deadline:

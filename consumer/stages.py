@@ -112,6 +112,8 @@ def encode_result(
         is_dead_letter=False,
         headers=[("event_id", event.event_id.encode())],
         event_id=event.event_id,
+        label=status,
+        captured_at=event.captured_at,
     )
 
 
@@ -139,4 +141,5 @@ def encode_dead_letter(failed: FailedEvent, dead_letter_topic: str) -> Outcome:
         headers=[("error_kind", failed.kind.encode())],
         event_id=failed.event_id,
         reason=f"{failed.kind}: {failed.message}",
+        label=failed.kind,
     )

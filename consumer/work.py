@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 
 from PIL import Image
 
@@ -20,6 +21,7 @@ class InputRecord:
     value: bytes
     headers: tuple[tuple[str, bytes | None], ...] = ()
     timestamp_ms: int | None = None
+    read_at: float = 0.0  # time.monotonic() when the worker read it (queue-wait metric)
 
     @property
     def source(self) -> SourceCoordinates:
@@ -64,3 +66,5 @@ class Outcome:
     headers: list[tuple[str, str | bytes | None]] = field(default_factory=list)
     event_id: str | None = None
     reason: str | None = None  # dead letters: "<error_kind>: <message>", for the log
+    label: str = ""  # results: the status (ok, no_face); dead letters: the error kind
+    captured_at: datetime | None = None  # the event's, for the end-to-end latency metric

@@ -9,6 +9,7 @@ before handing anything else to the real decoder loop.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from consumer import pipeline
 from consumer.cli import main
@@ -17,10 +18,19 @@ from consumer.decode_pool import Decoder, ProcessDecoder
 
 
 def _faulty_decoder(
-    settings: DecodeSettings, faces: FaceSettings, max_pixels: int, max_bytes: int
+    settings: DecodeSettings,
+    faces: FaceSettings,
+    max_pixels: int,
+    max_bytes: int,
+    on_failure: Callable[[str], None] | None = None,
 ) -> Decoder:
     return ProcessDecoder(
-        settings, faces, max_pixels, max_bytes, module="tests.support.faulty_decoder"
+        settings,
+        faces,
+        max_pixels,
+        max_bytes,
+        module="tests.support.faulty_decoder",
+        on_failure=on_failure,
     )
 
 
