@@ -5,6 +5,15 @@ Maven Central once into a cache folder, and the broker runs from them with the l
 
     python -m deploy.kafka.local_broker run --port 9092     # foreground, Ctrl-C stops it
     python -m deploy.kafka.local_broker fetch               # only download the jars
+    python -m deploy.kafka.local_broker run --sasl-user worker:s3cret --tls   # + secured listeners
+
+Secured listeners (optional, for testing the worker's SASL and TLS settings) sit beside
+the PLAINTEXT one, which stays for admin and test tooling:
+
+* SASL: SASL_PLAINTEXT with SCRAM-SHA-512, SCRAM-SHA-256 and PLAIN. SCRAM users are
+  created when the storage is formatted (`--add-scram`), PLAIN users in the listener's JAAS.
+* TLS: SSL with a throw-away CA made by openssl; the server certificate is for 127.0.0.1.
+* MTLS: the same, but the client must show a certificate signed by that CA.
 
 Standard library only, so it also works before the worker's dependencies are installed.
 """
@@ -15,6 +24,7 @@ import argparse
 import base64
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -23,6 +33,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -100,15 +112,173 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _server_properties(data_dir: Path, port: int, controller_port: int) -> str:
+SCRAM_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256")
+SASL_MECHANISMS = (*SCRAM_MECHANISMS, "PLAIN")
+# Names and passwords go into a StorageTool argument and a JAAS line unquoted-safe: no
+# separators (",", "]", "=", ";"), quotes, backslashes or spaces.
+_CREDENTIAL = re.compile(r"[A-Za-z0-9._~!@#%^&*()+-]+")
+
+
+@dataclass(frozen=True)
+class SaslUser:
+    """A user of the SASL listener, known to the broker for each of `mechanisms`."""
+
+    name: str
+    password: str
+    mechanisms: tuple[str, ...] = SASL_MECHANISMS
+
+    def __post_init__(self) -> None:
+        for what, value in (("name", self.name), ("password", self.password)):
+            if not _CREDENTIAL.fullmatch(value):
+                raise ValueError(
+                    f"SASL user {what} {value!r} must match {_CREDENTIAL.pattern} (the broker's "
+                    "format tool and JAAS config cannot quote other characters)"
+                )
+        unknown = set(self.mechanisms) - set(SASL_MECHANISMS)
+        if unknown or not self.mechanisms:
+            raise ValueError(f"mechanisms must be some of {SASL_MECHANISMS}, not {self.mechanisms}")
+
+    def __repr__(self) -> str:  # never print the password by accident
+        return f"SaslUser(name={self.name!r}, password='***', mechanisms={self.mechanisms!r})"
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of the throw-away CA, the broker and a client (for mTLS)."""
+
+    folder: Path
+    client_key_password: str
+
+    @property
+    def ca(self) -> Path:
+        """The CA certificate: the client's `ssl.ca.location`."""
+        return self.folder / "ca.pem"
+
+    @property
+    def broker_keystore(self) -> Path:
+        """The broker's key and certificate in one PEM file (ssl.keystore.type=PEM)."""
+        return self.folder / "broker-keystore.pem"
+
+    @property
+    def client_cert(self) -> Path:
+        """A client certificate signed by the CA: `ssl.certificate.location`."""
+        return self.folder / "client.pem"
+
+    @property
+    def client_key(self) -> Path:
+        """Its key, encrypted with client_key_password: `ssl.key.location`."""
+        return self.folder / "client-key.pem"
+
+    @property
+    def other_ca(self) -> Path:
+        """A CA that signed nothing the broker shows: a client trusting only it must fail."""
+        return self.folder / "other-ca.pem"
+
+
+def _openssl(folder: Path, *args: str) -> None:
+    openssl = _require("openssl", "install OpenSSL (apt-get install openssl) for TLS listeners")
+    proc = subprocess.run([openssl, *args], cwd=folder, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise BrokerError(f"openssl {args[0]} failed:\n{proc.stdout}{proc.stderr}")
+
+
+def make_tls_files(folder: Path, days: int = 7) -> TlsFiles:
+    """A CA, a broker certificate for 127.0.0.1 and a client certificate, all PEM (EC P-256).
+
+    Made again only if missing, so a kept data dir keeps its CA.
+    """
+    files = TlsFiles(folder, client_key_password="client-key-pass")
+    if (folder / ".complete").exists():
+        return files
+    folder.mkdir(parents=True, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-noenc"]
+    valid = ["-days", str(days)]
+    for ca in ("ca", "other-ca"):
+        _openssl(
+            folder, "req", "-x509", *ec, *valid, "-keyout", f"{ca}-key.pem", "-out", f"{ca}.pem",
+            "-subj", f"/CN=emotion-worker test {ca}",
+            "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        )  # fmt: skip
+    leaves = {
+        "broker": "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
+        "client": "extendedKeyUsage=clientAuth\n",
+    }
+    for name, extensions in leaves.items():
+        (folder / f"{name}.ext").write_text(extensions)
+        _openssl(
+            folder, "req", *ec, "-keyout", f"{name}-plain-key.pem", "-out", f"{name}.csr",
+            "-subj", f"/CN={'127.0.0.1' if name == 'broker' else 'emotion-worker'}",
+        )  # fmt: skip
+        _openssl(
+            folder, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem",
+            "-CAcreateserial", *valid, "-extfile", f"{name}.ext", "-out", f"{name}.pem",
+        )  # fmt: skip
+    # Kafka reads a PEM keystore as the (PKCS#8) key followed by the certificate chain.
+    files.broker_keystore.write_text(
+        (folder / "broker-plain-key.pem").read_text() + (folder / "broker.pem").read_text()
+    )
+    _openssl(
+        folder, "pkcs8", "-topk8", "-v2", "aes-256-cbc", "-in", "client-plain-key.pem",
+        "-out", "client-key.pem", "-passout", f"pass:{files.client_key_password}",
+    )  # fmt: skip
+    (folder / ".complete").write_text("")
+    return files
+
+
+def _server_properties(
+    data_dir: Path,
+    port: int,
+    controller_port: int,
+    sasl_port: int | None = None,
+    sasl_users: Sequence[SaslUser] = (),
+    tls_ports: tuple[int, int] | None = None,
+    tls: TlsFiles | None = None,
+) -> str:
+    listeners = {"PLAINTEXT": port, "CONTROLLER": controller_port}
+    protocols = {"PLAINTEXT": "PLAINTEXT", "CONTROLLER": "PLAINTEXT"}
+    secured: dict[str, str] = {}
+    if sasl_port is not None:
+        listeners["SASL"] = sasl_port
+        protocols["SASL"] = "SASL_PLAINTEXT"
+        mechanisms = [m for m in SASL_MECHANISMS if any(m in u.mechanisms for u in sasl_users)]
+        secured["listener.name.sasl.sasl.enabled.mechanisms"] = ",".join(mechanisms)
+        for mechanism in SCRAM_MECHANISMS:
+            if mechanism in mechanisms:
+                # The server side of SCRAM needs no credentials: it checks the stored ones.
+                secured[f"listener.name.sasl.{mechanism.lower()}.sasl.jaas.config"] = (
+                    "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+                )
+        plain = [u for u in sasl_users if "PLAIN" in u.mechanisms]
+        if plain:
+            users = " ".join(f'user_{u.name}="{u.password}"' for u in plain)
+            secured["listener.name.sasl.plain.sasl.jaas.config"] = (
+                f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};"
+            )
+    if tls_ports is not None and tls is not None:
+        listeners["TLS"], listeners["MTLS"] = tls_ports
+        protocols["TLS"] = protocols["MTLS"] = "SSL"
+        secured.update(
+            {
+                "ssl.keystore.type": "PEM",
+                "ssl.keystore.location": str(tls.broker_keystore),
+                "ssl.truststore.type": "PEM",
+                "ssl.truststore.location": str(tls.ca),
+                "listener.name.tls.ssl.client.auth": "none",
+                "listener.name.mtls.ssl.client.auth": "required",
+            }
+        )
+    advertised = {name: p for name, p in listeners.items() if name != "CONTROLLER"}
     settings = {
         "process.roles": "broker,controller",
         "node.id": "1",
         "controller.quorum.voters": f"1@127.0.0.1:{controller_port}",
-        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
+        "listeners": ",".join(f"{name}://127.0.0.1:{p}" for name, p in listeners.items()),
+        "advertised.listeners": ",".join(
+            f"{name}://127.0.0.1:{p}" for name, p in advertised.items()
+        ),
         "controller.listener.names": "CONTROLLER",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "listener.security.protocol.map": ",".join(f"{n}:{p}" for n, p in protocols.items()),
         "inter.broker.listener.name": "PLAINTEXT",
         "log.dirs": str(data_dir / "log"),
         "num.partitions": "1",
@@ -124,12 +294,29 @@ def _server_properties(data_dir: Path, port: int, controller_port: int) -> str:
         # Tests start and stop consumers often; waiting for more members only slows them.
         "group.initial.rebalance.delay.ms": "0",
         "log.flush.interval.messages": "9223372036854775807",
+        **secured,
     }
     return "".join(f"{key}={value}\n" for key, value in settings.items())
 
 
+def _scram_arguments(users: Sequence[SaslUser]) -> list[str]:
+    """StorageTool's `--add-scram` arguments: each SCRAM credential, stored at format time."""
+    return [
+        f"--add-scram={mechanism}=[name={user.name},password={user.password}]"
+        for user in users
+        for mechanism in user.mechanisms
+        if mechanism in SCRAM_MECHANISMS
+    ]
+
+
 class LocalKafkaBroker:
-    """Start with `with LocalKafkaBroker() as broker:`; `broker.bootstrap_servers` to connect."""
+    """Start with `with LocalKafkaBroker() as broker:`; `broker.bootstrap_servers` to connect.
+
+    `sasl_users` adds a SASL_PLAINTEXT listener (`sasl_bootstrap_servers`) that knows those
+    users; `tls=True` adds an SSL listener (`tls_bootstrap_servers`) and one that requires
+    a client certificate (`mtls_bootstrap_servers`), with their PEM files in `tls_files`.
+    The PLAINTEXT listener (`bootstrap_servers`) is always there, for admin and test tools.
+    """
 
     def __init__(
         self,
@@ -137,6 +324,8 @@ class LocalKafkaBroker:
         port: int | None = None,
         heap: str = "512m",
         cache_dir: Path | None = None,
+        sasl_users: Sequence[SaslUser] = (),
+        tls: bool = False,
     ) -> None:
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="kafka-"))
@@ -144,11 +333,42 @@ class LocalKafkaBroker:
         self.controller_port = free_port()
         self.heap = heap
         self.cache_dir = cache_dir
+        self.sasl_users = tuple(sasl_users)
+        self.sasl_port = free_port() if self.sasl_users else None
+        self.tls_ports = (free_port(), free_port()) if tls else None
+        self._tls_files: TlsFiles | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def bootstrap_servers(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_bootstrap_servers(self) -> str:
+        """The SASL_PLAINTEXT listener (SCRAM-SHA-512, SCRAM-SHA-256, PLAIN)."""
+        if self.sasl_port is None:
+            raise BrokerError("this broker has no SASL listener: pass sasl_users")
+        return f"127.0.0.1:{self.sasl_port}"
+
+    @property
+    def tls_bootstrap_servers(self) -> str:
+        """The SSL listener; clients need ssl.ca.location=tls_files.ca."""
+        return f"127.0.0.1:{self._tls()[0]}"
+
+    @property
+    def mtls_bootstrap_servers(self) -> str:
+        """The SSL listener that also requires a client certificate signed by the CA."""
+        return f"127.0.0.1:{self._tls()[1]}"
+
+    @property
+    def tls_files(self) -> TlsFiles:
+        self._tls()
+        return make_tls_files(self.data_dir / "tls")
+
+    def _tls(self) -> tuple[int, int]:
+        if self.tls_ports is None:
+            raise BrokerError("this broker has no TLS listeners: pass tls=True")
+        return self.tls_ports
 
     @property
     def log_path(self) -> Path:
@@ -173,8 +393,20 @@ class LocalKafkaBroker:
         libs = ensure_kafka_libs(self.cache_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         props = self.data_dir / "server.properties"
-        props.write_text(_server_properties(self.data_dir, self.port, self.controller_port))
+        props.write_text(
+            _server_properties(
+                self.data_dir,
+                self.port,
+                self.controller_port,
+                self.sasl_port,
+                self.sasl_users,
+                self.tls_ports,
+                self.tls_files if self.tls_ports else None,
+            )
+        )
+        props.chmod(0o600)  # PLAIN users' passwords are in it
         if not (self.data_dir / "log" / "meta.properties").exists():
+            # SCRAM users exist from the first start on; a kept data dir keeps its users.
             cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             fmt = subprocess.run(
                 # "--cluster-id=ID", not "-t ID": a base64 id may start with "-" and would
@@ -185,6 +417,7 @@ class LocalKafkaBroker:
                     "format",
                     f"--cluster-id={cluster_id}",
                     f"--config={props}",
+                    *_scram_arguments(self.sasl_users),
                 ),
                 capture_output=True,
                 text=True,
@@ -224,9 +457,13 @@ class LocalKafkaBroker:
         raise BrokerError(f"broker not ready within {timeout_s:.0f}s:\n{self._log_tail()}")
 
     def _port_open(self) -> bool:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 1):
-            return True
-        return False
+        ports = [self.port, *([self.sasl_port] if self.sasl_port else []), *(self.tls_ports or ())]
+        for port in ports:
+            try:
+                socket.create_connection(("127.0.0.1", port), 1).close()
+            except OSError:
+                return False
+        return True
 
     def _log_tail(self, lines: int = 40) -> str:
         if not self.log_path.exists():
@@ -271,17 +508,44 @@ def main(argv: list[str] | None = None) -> int:
     run = sub.add_parser("run", help="run a broker in the foreground until Ctrl-C")
     run.add_argument("--port", type=int, default=9092)
     run.add_argument("--data-dir", type=Path, default=None, help="kept between runs if given")
+    run.add_argument(
+        "--sasl-user",
+        action="append",
+        default=[],
+        metavar="NAME:PASSWORD",
+        help="add a SASL_PLAINTEXT listener with this SCRAM-SHA-512/256 and PLAIN user "
+        "(repeatable; SCRAM users are stored when a data dir is first formatted)",
+    )
+    run.add_argument("--tls", action="store_true", help="add TLS and mTLS listeners (own CA)")
     args = parser.parse_args(argv)
     try:
         if args.command == "fetch":
             print(ensure_kafka_libs())
             return 0
-        broker = LocalKafkaBroker(data_dir=args.data_dir, port=args.port)
+        users = []
+        for spec in args.sasl_user:
+            name, sep, password = spec.partition(":")
+            if not sep:
+                parser.error(f"--sasl-user {name!r}: expected NAME:PASSWORD")
+            users.append(SaslUser(name, password))
+        broker = LocalKafkaBroker(
+            data_dir=args.data_dir, port=args.port, sasl_users=users, tls=args.tls
+        )
         broker.start()
-    except BrokerError as exc:
+    except (BrokerError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"Kafka {kafka_version()} ready on {broker.bootstrap_servers} (Ctrl-C stops it)")
+    if users:
+        print(f"  SASL_PLAINTEXT (SCRAM-SHA-512/256, PLAIN): {broker.sasl_bootstrap_servers}")
+    if args.tls:
+        files = broker.tls_files
+        print(f"  SSL: {broker.tls_bootstrap_servers} (ssl.ca.location={files.ca})")
+        print(
+            f"  SSL + client certificate: {broker.mtls_bootstrap_servers} "
+            f"(ssl.certificate.location={files.client_cert}, "
+            f"ssl.key.location={files.client_key})"
+        )
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
     try:
