@@ -67,6 +67,7 @@ class BatchRunner:
                     f"{type(result).__name__}: {result}",
                     item.fetch_attempts,
                     item.event.event_id,
+                    item.event.stream_id,
                 )
                 outcomes.append(encode_dead_letter(failed, self.dead_letter_topic))
             else:

@@ -7,6 +7,7 @@ renderer, so a production log stream is all JSON.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -22,6 +23,14 @@ _LEVELS = {
 }
 
 
+def _add_process_index(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Under the multi-GPU supervisor, which worker process wrote the line."""
+    index = os.environ.get("EMOTION_WORKER_PROCESS_INDEX")
+    if index is not None:
+        event.setdefault("process", int(index) if index.isdigit() else index)
+    return event
+
+
 def configure_logging(settings: LogSettings, stream: Any = None) -> None:
     """Route structlog and the stdlib loggers of libraries to one renderer on stderr."""
     stream = stream or sys.stderr
@@ -32,8 +41,9 @@ def configure_logging(settings: LogSettings, stream: Any = None) -> None:
         else structlog.dev.ConsoleRenderer(colors=stream.isatty())
     )
     shared: list[Any] = [
-        # Bound per event in the pipeline: event_id, partition, offset.
+        # Bound per event in the pipeline: event_id, stream_id, partition, offset.
         structlog.contextvars.merge_contextvars,
+        _add_process_index,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]

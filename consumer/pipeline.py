@@ -307,7 +307,10 @@ class Worker:
             self.stats.add(dropped=1)  # revoked: its new owner processes it again
             return
         with structlog.contextvars.bound_contextvars(
-            event_id=outcome.event_id, partition=record.partition, offset=record.offset
+            event_id=outcome.event_id,
+            stream_id=outcome.stream_id,
+            partition=record.partition,
+            offset=record.offset,
         ):
             if outcome.is_dead_letter:
                 log.warning("dead letter", topic=record.topic, reason=outcome.reason)

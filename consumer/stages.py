@@ -72,13 +72,23 @@ def prepare_event(
         return PreparedEvent(record, event, cropped.boxes, cropped.crops, attempts)
     except EventError as exc:
         return FailedEvent(
-            record, exc.kind, exc.message, max(attempts, exc.attempts), event.event_id
+            record,
+            exc.kind,
+            exc.message,
+            max(attempts, exc.attempts),
+            event.event_id,
+            event.stream_id,
         )
     except DecoderUnavailableError:
         raise
     except Exception as exc:  # a bug or a hostile file must not take the worker down
         return FailedEvent(
-            record, "image_undecodable", f"{type(exc).__name__}: {exc}", attempts, event.event_id
+            record,
+            "image_undecodable",
+            f"{type(exc).__name__}: {exc}",
+            attempts,
+            event.event_id,
+            event.stream_id,
         )
 
 
@@ -114,6 +124,7 @@ def encode_result(
         event_id=event.event_id,
         label=status,
         captured_at=event.captured_at,
+        stream_id=event.stream_id,
     )
 
 
@@ -142,4 +153,5 @@ def encode_dead_letter(failed: FailedEvent, dead_letter_topic: str) -> Outcome:
         event_id=failed.event_id,
         reason=f"{failed.kind}: {failed.message}",
         label=failed.kind,
+        stream_id=failed.stream_id,
     )

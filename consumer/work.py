@@ -52,6 +52,7 @@ class FailedEvent:
     message: str
     attempts: int = 1
     event_id: str | None = None
+    stream_id: str | None = None
 
 
 @dataclass(slots=True)
@@ -67,4 +68,5 @@ class Outcome:
     event_id: str | None = None
     reason: str | None = None  # dead letters: "<error_kind>: <message>", for the log
     label: str = ""  # results: the status (ok, no_face); dead letters: the error kind
+    stream_id: str | None = None  # for the log; None when the event could not be parsed
     captured_at: datetime | None = None  # the event's, for the end-to-end latency metric

@@ -103,6 +103,16 @@ def test_metrics_count_what_the_worker_did(
     assert sample(text, "emotion_worker_gpu_memory_bytes") == 0  # CPU
     assert get(url + "/livez")[0] == 200
     assert worker.stop() == 0, worker.log_text()[-3000:]
+    # Dead-letter lines carry the event's coordinates (and stream, once it was parsed).
+    letters = {
+        str(e["reason"]).split(":")[0]: e
+        for e in worker.log_events()
+        if e.get("event") == "dead letter"
+    }
+    missing_line = letters["image_not_found"]
+    assert missing_line["stream_id"] == "cam-1" and missing_line["partition"] == 0
+    assert isinstance(missing_line["offset"], int) and missing_line["event_id"]
+    assert letters["not_json"]["stream_id"] is None
 
 
 def test_a_stuck_worker_stops_being_live(
