@@ -114,8 +114,8 @@ def free_port() -> int:
 
 SCRAM_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256")
 SASL_MECHANISMS = (*SCRAM_MECHANISMS, "PLAIN")
-# Names and passwords go into a StorageTool argument and a JAAS line unquoted-safe: no
-# separators (",", "]", "=", ";"), quotes, backslashes or spaces.
+# Names and passwords go unescaped into StorageTool's `--add-scram` argument, a JAAS line and
+# a properties file: no separators (",", "]", "=", ";", ":"), quotes, backslashes or spaces.
 _CREDENTIAL = re.compile(r"[A-Za-z0-9._~!@#%^&*()+-]+")
 
 
