@@ -39,7 +39,7 @@ schemas: setup
 
 # Re-resolve the pins after changing dependencies in pyproject.toml.
 lock: setup
-	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^emotion-worker' > requirements.lock
+	$(BIN)/python -m pip freeze --all --exclude-editable | grep -v "^emotion-worker" > requirements.lock
 
 # A broker on 127.0.0.1:9092 in the foreground, for running the worker by hand.
 broker: setup

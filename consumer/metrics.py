@@ -141,6 +141,8 @@ class HealthState:
         self.last_loop = time.monotonic()
         if self.loop_started is None:
             self.loop_started = self.last_loop
+            # The stall clock starts with consuming, not with the (slow) model load.
+            self.last_progress = self.last_loop
 
     def progressed(self) -> None:
         """An input offset advanced (an outcome acknowledged, or a commit)."""

@@ -61,7 +61,7 @@ def test_live_until_the_poll_loop_stalls(served: tuple[str, WorkerMetrics, Healt
 
 def test_not_live_with_lag_and_no_progress(served: tuple[str, WorkerMetrics, HealthState]) -> None:
     url, _, health = served
-    health.progressed()
+    health.loop_turned()  # consuming
     health.set_lag({("frames", 0): 0})
     time.sleep(0.6)
     health.loop_turned()
@@ -110,3 +110,13 @@ def test_lag_from_librdkafka_statistics() -> None:
         ("frames", 1): 20,
         ("frames", 2): 5,
     }
+
+
+def test_a_slow_model_load_does_not_count_as_a_stall(
+    served: tuple[str, WorkerMetrics, HealthState],
+) -> None:
+    url, _, health = served
+    health.set_lag({("frames", 0): 7})
+    time.sleep(0.6)  # longer than stall_timeout_s, all of it "loading the model"
+    health.loop_turned()  # consuming starts now
+    assert get(url + "/livez")[0] == 200
