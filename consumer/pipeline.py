@@ -55,8 +55,12 @@ _AUTH_ERRORS = frozenset(
         KafkaError.GROUP_AUTHORIZATION_FAILED,
         KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
         KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError._SSL,  # TLS handshake: the broker's certificate cannot be verified
     }
 )
+# An mTLS listener that rejects our certificate shows up as a transport error, like a
+# network outage; only the TLS alert in the text tells it apart.
+_TLS_ALERT = "ssl/tls alert"
 
 __all__ = ["Classifier", "Worker", "WorkerStats"]
 
@@ -363,7 +367,9 @@ class Worker:
         # librdkafka recovers; a fatal one (e.g. a fenced idempotent producer) is not.
         if error.fatal():
             self._fail(f"fatal Kafka client error: {error}")
-        elif error.code() in _AUTH_ERRORS:
+        elif error.code() in _AUTH_ERRORS or (
+            error.code() == KafkaError._TRANSPORT and _TLS_ALERT in error.str().lower()
+        ):
             # librdkafka would retry wrong credentials forever while the worker looks
             # alive and does nothing: stop, and say which settings to check.
             self._fail(

@@ -336,7 +336,6 @@ class LocalKafkaBroker:
         self.sasl_users = tuple(sasl_users)
         self.sasl_port = free_port() if self.sasl_users else None
         self.tls_ports = (free_port(), free_port()) if tls else None
-        self._tls_files: TlsFiles | None = None
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -544,7 +543,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"  SSL + client certificate: {broker.mtls_bootstrap_servers} "
             f"(ssl.certificate.location={files.client_cert}, "
-            f"ssl.key.location={files.client_key})"
+            f"ssl.key.location={files.client_key}, "
+            f"ssl.key.password={files.client_key_password} - a throw-away test key)"
         )
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
