@@ -119,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="use this cluster instead of starting a local broker",
     )
 
+    # eval and train own their arguments (their modules' main); `--help` works there.
+    for name, text in (
+        ("eval", "evaluate a LLaVA checkpoint on a labelled image folder"),
+        ("train", "train or fine-tune a LLaVA checkpoint on a labelled image folder"),
+    ):
+        command = sub.add_parser(name, help=text, add_help=False)
+        command.add_argument("rest", nargs=argparse.REMAINDER)
     tiny = sub.add_parser("make-tiny-model", help="write a small random LLaVA checkpoint")
     tiny.add_argument("path", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
@@ -254,6 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
     args = build_parser().parse_args(argv)
+    if args.command in ("eval", "train"):
+        # Long offline jobs: their progress bars are wanted (TQDM_DISABLE is for run).
+        os.environ.pop("TQDM_DISABLE", None)
+        if args.command == "eval":
+            from consumer.evaluate import main as evaluate_main
+
+            return evaluate_main(args.rest)
+        from consumer.train import main as train_main
+
+        return train_main(args.rest)
     commands = {
         "run": cmd_run,
         "produce": cmd_produce,
