@@ -260,17 +260,19 @@ def main(argv: list[str] | None = None) -> int:
     # Progress bars are noise in JSON logs (and the demo prints its own lines).
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TQDM_DISABLE", "1")
-    args = build_parser().parse_args(argv)
-    if args.command in ("eval", "train"):
-        # Long offline jobs: their progress bars are wanted (TQDM_DISABLE is for run).
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] in (["eval"], ["train"]):
+        # Long offline jobs with arguments of their own (argparse's REMAINDER cannot take
+        # a list that starts with a flag); their progress bars are wanted.
         os.environ.pop("TQDM_DISABLE", None)
-        if args.command == "eval":
+        if argv[0] == "eval":
             from consumer.evaluate import main as evaluate_main
 
-            return evaluate_main(args.rest)
+            return evaluate_main(argv[1:])
         from consumer.train import main as train_main
 
-        return train_main(args.rest)
+        return train_main(argv[1:])
+    args = build_parser().parse_args(argv)
     commands = {
         "run": cmd_run,
         "produce": cmd_produce,
