@@ -51,6 +51,9 @@ def test_worker_joins_and_leaves_mid_stream(
     first = start_worker(**settings)
     read(stream.bootstrap, stream.output_topic, expected=30, timeout_s=60)
     second = start_worker(**settings)  # joins: cooperative-sticky moves some partitions
+    # More events while the second worker loads its model: on a busy machine its start
+    # alone can take as long as the first 600 events, and it must leave mid-stream.
+    stream.publish(face_paths, 900, start=600, image_url=paced_images)
     # Cooperative rebalancing takes two rounds: first the revoke, then the new assignment.
     second.wait_for_event(
         lambda e: e.get("event") == "partitions assigned" and bool(e.get("partitions")),
