@@ -104,7 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="create the topic with this many partitions if it is missing",
     )
 
-    demo = sub.add_parser("demo", help="local broker + tiny model + FER faces, end to end")
+    demo = sub.add_parser(
+        "demo", help="local broker + the shipped FER model + held-out FER faces, end to end"
+    )
     demo.add_argument(
         "--data",
         type=Path,

@@ -1,8 +1,9 @@
-"""The demo: local broker, tiny model, real FER faces in, emotion results out, a summary."""
+"""The demo: local broker, the shipped FER model, real FER faces in, emotion results out."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import threading
@@ -14,7 +15,7 @@ from pathlib import Path
 from confluent_kafka import Consumer, Producer
 
 from consumer.config import LogSettings, load_settings
-from consumer.event_source import frame_events
+from consumer.event_source import frame_event, image_files
 from consumer.kafka_io import CLIENT_LOGGER, ensure_topics, run_topics
 from consumer.logs import configure_logging
 from schemas import DeadLetter, EmotionResult
@@ -23,7 +24,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = Path(
     os.environ.get("FER2013_TRAIN") or REPO.parent / "shared" / "data" / "fer2013" / "train"
 )
-DEFAULT_MODEL = REPO / ".cache" / "models" / "tiny-llava"
+# The small LLaVA trained on FER-2013 by `emotion-worker train` (see its README.md).
+DEFAULT_MODEL = REPO / "models" / "llava-fer-small"
 
 
 @contextlib.contextmanager
@@ -38,13 +40,44 @@ def _broker(bootstrap_servers: str | None) -> Iterator[str]:
         yield broker.bootstrap_servers
 
 
-def _publish(bootstrap: str, topic: str, data: Path, events: int) -> dict[str, str]:
-    """Publish the events; returns event id -> true label (the image's folder name)."""
+def held_out_faces(data: Path, model: Path, events: int) -> list[Path] | None:
+    """Up to `events` faces of the model's validation split, round robin over the classes.
+
+    A model trained by `emotion-worker train` lists the images it never trained on in
+    split.json; sending those keeps the demo's share of correct labels honest. None when the
+    model has no split file or the split does not describe `data` (another face folder).
+    """
+    try:
+        split = json.loads((model / "split.json").read_text(encoding="utf-8"))
+        relative = [str(item) for item in split["val"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    paths = [data / item for item in relative]
+    if not paths or not all(path.is_file() for path in paths):
+        return None
+    by_class: dict[str, list[Path]] = {}
+    for path in paths:
+        by_class.setdefault(path.parent.name, []).append(path)
+    picked: list[Path] = []
+    queues = [iter(items) for _, items in sorted(by_class.items())]
+    while queues and len(picked) < events:
+        for queue in list(queues):
+            item = next(queue, None)
+            if item is None:
+                queues.remove(queue)
+            elif len(picked) < events:
+                picked.append(item)
+    return picked
+
+
+def _publish(bootstrap: str, topic: str, faces: list[Path]) -> dict[str, str]:
+    """Publish one event per face; returns event id -> true label (the image's folder name)."""
     producer = Producer(
         {"bootstrap.servers": bootstrap, "enable.idempotence": True, "logger": CLIENT_LOGGER}
     )
     truth: dict[str, str] = {}
-    for path, event in frame_events(data, limit=events):
+    for path in faces:
+        event = frame_event(path)
         truth[event.event_id] = path.parent.name
         producer.produce(topic, key=event.stream_id.encode(), value=event.model_dump_json())
         producer.poll(0)
@@ -89,6 +122,7 @@ def _print_report(
     truth: dict[str, str],
     elapsed: float,
     sent: int,
+    note: str,
 ) -> None:
     print(f"\n{'partition':>9} {'offset':>6}  {'true':<10} {'predicted':<10} {'conf':>5}  scores")
     shown = sorted(results, key=lambda r: (r.source.offset, r.source.partition))[:12]
@@ -104,10 +138,7 @@ def _print_report(
     correct = sum(1 for event_id, label in faces if truth.get(event_id) == label)
     unique = len({(r.source.partition, r.source.offset) for r in results})
     share = 100.0 * correct / max(1, len(faces))
-    print(
-        f"\ncorrect labels: {correct}/{len(faces)} faces ({share:.1f}%; chance is 14%, "
-        "and the demo's default tiny model is randomly initialised)"
-    )
+    print(f"\ncorrect labels: {correct}/{len(faces)} faces ({share:.1f}%; chance is 14%; {note})")
     print(
         f"summary: events={sent} results={len(results)} (unique {unique}) "
         f"dead_letters={len(letters)} elapsed={elapsed:.1f}s "
@@ -135,8 +166,17 @@ def run_demo(
         return 2
     model = model_path or DEFAULT_MODEL
     if not (model / "config.json").exists():
+        if model_path is None:
+            print(f"error: the shipped model {model} is missing; restore it with git checkout")
+            return 2
         print(f"writing a tiny random LLaVA checkpoint to {model} ...", flush=True)
         make_tiny_checkpoint(model)
+    faces = held_out_faces(data, model, events)
+    if faces is not None:
+        note = "faces from the model's validation split, which it never trained on"
+    else:
+        faces = image_files(data, limit=events)
+        note = f"faces from {data}, which the model may have trained on"
     configure_logging(LogSettings(format="console", level="warning"))
     # A fresh broker answers "coordinator load in progress" for a moment; not worth showing.
     logging.getLogger("librdkafka").setLevel(logging.ERROR)
@@ -152,7 +192,7 @@ def run_demo(
         )
         engine = EmotionEngine.load(settings.model, max_batch_size=settings.batch.max_batch_size)
         engine.warm_up()
-        truth = _publish(bootstrap, topics["input_topic"], data, events)
+        truth = _publish(bootstrap, topics["input_topic"], faces)
         print(
             f"published {len(truth)} frame events from {data}; running the worker ...", flush=True
         )
@@ -167,7 +207,7 @@ def run_demo(
         elapsed = time.monotonic() - started
         worker.request_stop()
         thread.join()
-    _print_report(results, letters, truth, elapsed, len(truth))
+    _print_report(results, letters, truth, elapsed, len(truth), note)
     complete = len({(r.source.partition, r.source.offset) for r in results}) + len(letters) >= len(
         truth
     )
