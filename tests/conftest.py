@@ -16,6 +16,10 @@ REPO = Path(__file__).resolve().parent.parent
 FER_TRAIN = Path(
     os.environ.get("FER2013_TRAIN") or REPO.parent / "shared" / "data" / "fer2013" / "train"
 )
+# The committed FER-trained LLaVA (emotion-worker train) and its eval report on its own
+# validation split; tests that need meaningful scores use it, fast unit tests the tiny one.
+FER_CHECKPOINT = REPO / "models" / "llava-fer-small"
+FER_REPORT = REPO / "models" / "reports" / "llava-fer-small-val"
 
 
 @pytest.fixture(scope="session")

@@ -169,45 +169,69 @@ def _clip_image_processor_class() -> Any:
     return transformers.CLIPImageProcessor
 
 
-def _build_model(tokenizer: Any, image_size: int, seed: int) -> Any:
-    import torch
-    from transformers import (
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-    )
+def llava_config(
+    tokenizer: Any,
+    *,
+    image_size: int,
+    patch_size: int,
+    vision: tuple[int, int, int, int],
+    text: tuple[int, int, int, int],
+    vision_feature_layer: int,
+    initializer_range: float = 0.02,
+    max_positions: int = 512,
+) -> Any:
+    """A LlavaConfig of a CLIP ViT and a Llama decoder sized for `tokenizer`.
 
-    vision = CLIPVisionConfig(
-        image_size=image_size,
-        patch_size=PATCH_SIZE,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        projection_dim=32,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=512,
-        initializer_range=INIT_RANGE,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
+    `vision` and `text` are (hidden, layers, heads, MLP width). Shared by the tiny random
+    checkpoint and the trainer's from-scratch models, so both are built the same way.
+    """
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    vision_hidden, vision_layers, vision_heads, vision_mlp = vision
+    text_hidden, text_layers, text_heads, text_mlp = text
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            image_size=image_size,
+            patch_size=patch_size,
+            hidden_size=vision_hidden,
+            intermediate_size=vision_mlp,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=vision_heads,
+            projection_dim=vision_hidden,
+        ),
+        text_config=LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text_hidden,
+            intermediate_size=text_mlp,
+            num_hidden_layers=text_layers,
+            num_attention_heads=text_heads,
+            num_key_value_heads=text_heads,
+            max_position_embeddings=max_positions,
+            initializer_range=initializer_range,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        ),
         image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=(image_size // PATCH_SIZE) ** 2,
-        vision_feature_layer=-2,
+        image_seq_length=(image_size // patch_size) ** 2,
+        vision_feature_layer=vision_feature_layer,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
+    )
+
+
+def _build_model(tokenizer: Any, image_size: int, seed: int) -> Any:
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    config = llava_config(
+        tokenizer,
+        image_size=image_size,
+        patch_size=PATCH_SIZE,
+        vision=(32, 2, 2, 64),
+        text=(64, 2, 4, 128),
+        vision_feature_layer=-2,
+        initializer_range=INIT_RANGE,
     )
     torch.manual_seed(seed)
     model: Any = LlavaForConditionalGeneration(config)

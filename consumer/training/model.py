@@ -21,7 +21,6 @@ import torch.nn.functional as F  # noqa: N812 (torch's convention)
 
 from consumer.engine.loader import load_checkpoint
 from consumer.engine.scoring import label_sequences
-from consumer.engine.tiny import IMAGE_TOKEN
 
 # FER-2013's pixel statistics are ~0.51 mean and ~0.26 std; round numbers keep the
 # processor config readable and are as good for a model trained from scratch.
@@ -85,9 +84,7 @@ def build_scratch_model(
         raise ValueError(
             f"--image-size {image_size} is not a multiple of the patch size {arch.patch_size}"
         )
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    from consumer.engine.tiny import _build_processor, _build_tokenizer
+    from consumer.engine.tiny import _build_processor, _build_tokenizer, llava_config
 
     tokenizer = _build_tokenizer(labels, prompt)
     processor = _build_processor(tokenizer, image_size)
@@ -96,35 +93,24 @@ def build_scratch_model(
     processor.patch_size = arch.patch_size
     processor.image_processor.image_mean = list(image_mean)
     processor.image_processor.image_std = list(image_std)
-    vision = CLIPVisionConfig(
+    config = llava_config(
+        tokenizer,
         image_size=image_size,
         patch_size=arch.patch_size,
-        hidden_size=arch.vision_hidden,
-        intermediate_size=arch.vision_hidden * arch.vision_mlp,
-        num_hidden_layers=arch.vision_layers,
-        num_attention_heads=arch.vision_heads,
-        projection_dim=arch.vision_hidden,
-    )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=arch.text_hidden,
-        intermediate_size=arch.text_hidden * arch.text_mlp,
-        num_hidden_layers=arch.text_layers,
-        num_attention_heads=arch.text_heads,
-        num_key_value_heads=arch.text_heads,
-        max_position_embeddings=256,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    config = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=(image_size // arch.patch_size) ** 2,
+        vision=(
+            arch.vision_hidden,
+            arch.vision_layers,
+            arch.vision_heads,
+            arch.vision_hidden * arch.vision_mlp,
+        ),
+        text=(
+            arch.text_hidden,
+            arch.text_layers,
+            arch.text_heads,
+            arch.text_hidden * arch.text_mlp,
+        ),
         vision_feature_layer=-1,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
+        max_positions=256,
     )
     from transformers import LlavaForConditionalGeneration
 

@@ -1,0 +1,151 @@
+"""The committed FER model (models/llava-fer-small): what it is, what it scores, and that the
+worker's fast path reproduces the plain Hugging Face forward on it.
+
+Unlike the tiny random checkpoint, this model has learned something, so its scores are far
+from uniform and a wrong pixel pipeline, a wrong label token or a wrong sequence position
+shows up as lost accuracy here rather than as noise that happens to pass.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+
+from consumer.config import FER_LABELS, ModelSettings
+from consumer.engine import EmotionEngine
+from consumer.engine.loader import validate_checkpoint
+from consumer.engine.preprocess import DevicePreprocessor, ProcessorSpec
+from consumer.eval_report import checkpoint_identity
+from tests.conftest import FER_CHECKPOINT, FER_REPORT, FER_TRAIN
+
+# The issue's bar for the shipped model (validation split of the trainer's split.json).
+TARGET_ACCURACY = 0.55
+TARGET_MACRO_F1 = 0.45
+
+
+def _val_paths() -> list[str]:
+    split = json.loads((FER_CHECKPOINT / "split.json").read_text(encoding="utf-8"))
+    paths: list[str] = split["val"]
+    return paths
+
+
+def _load(relative: str) -> Image.Image:
+    with Image.open(FER_TRAIN / relative) as image:
+        image.load()
+        return image.copy()
+
+
+@pytest.fixture(scope="module")
+def val_faces() -> list[tuple[Image.Image, str]]:
+    """Every face of the validation split, with its folder name (the truth)."""
+    if not FER_TRAIN.is_dir():
+        pytest.fail(f"FER data missing at {FER_TRAIN}; set up ../shared/data/fer2013")
+    return [(_load(path), path.split("/")[0]) for path in _val_paths()]
+
+
+@pytest.fixture(scope="module")
+def engine() -> EmotionEngine:
+    return EmotionEngine.load(ModelSettings(path=FER_CHECKPOINT, device="cpu"), max_batch_size=64)
+
+
+def test_checkpoint_is_small_safe_and_documented() -> None:
+    validate_checkpoint(FER_CHECKPOINT)
+    files = {item.name: item for item in FER_CHECKPOINT.iterdir()}
+    assert "model.safetensors" in files
+    assert not [name for name in files if name.endswith((".bin", ".pt", ".pth", ".pkl"))]
+    assert sum(item.stat().st_size for item in files.values()) <= 20 * 1024 * 1024
+    args = json.loads(files["training_args.json"].read_text(encoding="utf-8"))
+    # One documented command reproduces it: seed, data, hyperparameters are all recorded.
+    assert args["status"] == "finished"
+    assert args["seed"] == 0 and args["arch"] == "small" and args["init"] is None
+    assert args["command"].startswith("emotion-worker train --data")
+    for key in ("epochs", "batch_size", "lr", "weight_decay", "augment", "balance"):
+        assert key in args, key
+    split = json.loads(files["split.json"].read_text(encoding="utf-8"))
+    assert not set(split["train"]) & set(split["val"])
+    assert len(split["train"]) + len(split["val"]) == 28709
+
+
+def test_eval_report_is_of_these_files_and_meets_the_target() -> None:
+    report = json.loads((FER_REPORT / "report.json").read_text(encoding="utf-8"))
+    # The report names the exact files it evaluated: a retrained model needs a new report.
+    assert report["model"]["identity"]["sha256"] == checkpoint_identity(FER_CHECKPOINT)["sha256"]
+    assert report["data"]["images"] == len(_val_paths())
+    assert report["metrics"]["accuracy"] >= TARGET_ACCURACY
+    assert report["metrics"]["macro_f1"] >= TARGET_MACRO_F1
+
+
+def test_engine_reproduces_the_reported_validation_accuracy(
+    engine: EmotionEngine, val_faces: list[tuple[Image.Image, str]]
+) -> None:
+    results = engine.classify([face for face, _ in val_faces])
+    correct = sum(r.label == truth for r, (_, truth) in zip(results, val_faces, strict=True))
+    accuracy = correct / len(val_faces)
+    report = json.loads((FER_REPORT / "report.json").read_text(encoding="utf-8"))
+    assert accuracy == pytest.approx(report["metrics"]["accuracy"], abs=0.002)
+    # Confident answers: far from the tiny model's near-uniform 1/7.
+    assert sum(r.confidence for r in results) / len(results) > 0.4
+
+
+def test_device_pixels_match_the_processor_of_the_shipped_model(
+    val_faces: list[tuple[Image.Image, str]],
+) -> None:
+    from transformers import AutoProcessor
+
+    load: Any = AutoProcessor.from_pretrained
+    processor = load(FER_CHECKPOINT, local_files_only=True).image_processor
+    faces = [face.convert("RGB") for face, _ in val_faces[:200]]
+    faces += [faces[0].resize((96, 80)), faces[1].resize((30, 70))]  # other sizes too
+    expected = processor(images=faces, return_tensors="pt")["pixel_values"]
+    ours = DevicePreprocessor(
+        ProcessorSpec.from_image_processor(processor), torch.device("cpu"), torch.float32
+    )(faces)
+    level = 1 / 255 / min(processor.image_std)
+    assert ours.shape == expected.shape
+    assert (ours - expected).abs().max().item() <= 2 * level + 1e-6
+    assert (ours - expected).abs().mean().item() < 1e-4
+
+
+def test_fast_path_matches_the_unbatched_reference_forward(
+    engine: EmotionEngine, val_faces: list[tuple[Image.Image, str]]
+) -> None:
+    """Batched engine (device preprocessing, cached prompt, label rows only) == the
+    processor plus a full LlavaForConditionalGeneration forward, one face at a time."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    load: Any = AutoProcessor.from_pretrained
+    processor = load(FER_CHECKPOINT, local_files_only=True)
+    model: Any = LlavaForConditionalGeneration.from_pretrained(
+        FER_CHECKPOINT, local_files_only=True, dtype=torch.float32
+    ).eval()
+    faces = [face for face, _ in val_faces[::10]]  # ~290 faces, every class
+    ours = engine.classify(faces)
+    label_ids = list(engine.label_token_ids)
+    agree, worst = 0, 0.0
+    for face, result in zip(faces, ours, strict=True):
+        inputs = processor(text=engine.prompt_text, images=face.convert("RGB"), return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**inputs).logits
+        assert logits.shape[1] == inputs["input_ids"].shape[1]  # the whole sequence ran
+        reference = logits[0, -1, label_ids].double().softmax(-1).tolist()
+        agree += FER_LABELS[max(range(len(FER_LABELS)), key=reference.__getitem__)] == result.label
+        worst = max(
+            worst, *(abs(a - b) for a, b in zip(reference, result.scores.values(), strict=True))
+        )
+    assert agree / len(faces) >= 0.995, f"{agree} of {len(faces)} agree"
+    assert worst < 0.02
+
+
+def test_batch_composition_does_not_change_scores(
+    engine: EmotionEngine, val_faces: list[tuple[Image.Image, str]]
+) -> None:
+    faces = [face for face, _ in val_faces[:40]]
+    together = engine.classify(faces)
+    for face, result in zip(faces[:10], together, strict=False):
+        (alone,) = engine.classify([face])
+        assert alone.label == result.label
+        assert alone.scores == pytest.approx(result.scores, abs=1e-4)
