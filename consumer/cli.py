@@ -267,13 +267,16 @@ def main(argv: list[str] | None = None) -> int:
         # Long offline jobs with arguments of their own (argparse's REMAINDER cannot take
         # a list that starts with a flag); their progress bars are wanted.
         os.environ.pop("TQDM_DISABLE", None)
+        rest = argv[1:]
+        if rest[:1] == ["--"]:  # `emotion-worker train -- --data ...`: a separator, not data
+            rest = rest[1:]
         if argv[0] == "eval":
             from consumer.evaluate import main as evaluate_main
 
-            return evaluate_main(argv[1:])
+            return evaluate_main(rest)
         from consumer.train import main as train_main
 
-        return train_main(argv[1:])
+        return train_main(rest)
     args = build_parser().parse_args(argv)
     commands = {
         "run": cmd_run,

@@ -15,7 +15,7 @@ from pathlib import Path
 from confluent_kafka import Consumer, Producer
 
 from consumer.config import LogSettings, load_settings
-from consumer.event_source import frame_event, image_files
+from consumer.event_source import frame_event, image_files, round_robin_by_folder
 from consumer.kafka_io import CLIENT_LOGGER, ensure_topics, run_topics
 from consumer.logs import configure_logging
 from schemas import DeadLetter, EmotionResult
@@ -55,19 +55,8 @@ def held_out_faces(data: Path, model: Path, events: int) -> list[Path] | None:
     paths = [data / item for item in relative]
     if not paths or not all(path.is_file() for path in paths):
         return None
-    by_class: dict[str, list[Path]] = {}
-    for path in paths:
-        by_class.setdefault(path.parent.name, []).append(path)
-    picked: list[Path] = []
-    queues = [iter(items) for _, items in sorted(by_class.items())]
-    while queues and len(picked) < events:
-        for queue in list(queues):
-            item = next(queue, None)
-            if item is None:
-                queues.remove(queue)
-            elif len(picked) < events:
-                picked.append(item)
-    return picked
+    # Sorted by class folder, so the classes take turns in a fixed order.
+    return round_robin_by_folder(sorted(paths, key=lambda path: path.parent.name), events)
 
 
 def _publish(bootstrap: str, topic: str, faces: list[Path]) -> dict[str, str]:

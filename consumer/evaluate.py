@@ -135,10 +135,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """Entry point of `emotion-worker eval`; returns the exit code (2: bad inputs)."""
     parser = build_parser()
-    if argv[:1] == ["--"]:
-        # `emotion-worker eval -- --model ...`: the top-level parser's REMAINDER keeps the
-        # separator, which would make every flag after it a positional here.
-        argv = argv[1:]
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) and usage errors (2) as exit codes

@@ -18,13 +18,24 @@ def image_files(folder: Path, limit: int | None = None) -> list[Path]:
     """Images under `folder`, sorted; with `limit`, taken round-robin over subfolders."""
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
+    paths = [
+        path
+        for path in sorted(folder.rglob("*"))
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
+    ]
+    return round_robin_by_folder(paths, limit)
+
+
+def round_robin_by_folder(paths: list[Path], limit: int | None = None) -> list[Path]:
+    """`paths` taken one folder at a time in turn, in their given order within a folder.
+
+    Round-robin so a limited sample of a class-per-folder layout covers every class.
+    """
     by_dir: dict[Path, list[Path]] = {}
-    for path in sorted(folder.rglob("*")):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
-            by_dir.setdefault(path.parent, []).append(path)
-    # Round-robin so a limited sample of a class-per-folder layout covers every class.
+    for path in paths:
+        by_dir.setdefault(path.parent, []).append(path)
     picked: list[Path] = []
-    queues = [iter(paths) for paths in by_dir.values()]
+    queues = [iter(group) for group in by_dir.values()]
     while queues and (limit is None or len(picked) < limit):
         for it in list(queues):
             nxt = next(it, None)

@@ -115,10 +115,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     """Entry point of `emotion-worker train`; returns the exit code."""
     parser = build_parser()
-    if argv[:1] == ["--"]:
-        # `emotion-worker train -- --data ...`: the top-level parser's REMAINDER keeps the
-        # separator, which would make every flag after it a positional here.
-        argv = argv[1:]
     try:
         args = parser.parse_args(argv)
         labels = tuple(label.strip() for label in args.labels.split(",") if label.strip())
