@@ -30,10 +30,9 @@ from PIL import Image
 from schemas import FaceBox
 
 REPO = Path(__file__).resolve().parent.parent
-# Like the tests and llava_bench: FER2013_TRAIN overrides the folder beside the checkout.
-FER_TRAIN = Path(
-    os.environ.get("FER2013_TRAIN") or REPO.parent / "shared" / "data" / "fer2013" / "train"
-)
+# The benches' faces: the 404 committed with the repository (data/faces), or any folder of
+# class subfolders named by FER2013_TRAIN (e.g. the whole FER-2013 train folder).
+FER_FACES = Path(os.environ.get("FER2013_TRAIN") or REPO / "data" / "faces")
 
 # skimage.data.astronaut() is 512x512. Labelled by eye on a 5x enlarged crop with a 10 px
 # grid: hairline (y=76) to the tip of the chin (y=183), outer edge of the left cheek
@@ -58,11 +57,11 @@ class Frame:
     faces: tuple[FaceBox, ...]
 
 
-def fer_faces(count: int, seed: int, root: Path = FER_TRAIN) -> list[GrayFace]:
+def fer_faces(count: int, seed: int, root: Path = FER_FACES) -> list[GrayFace]:
     """`count` FER crops (48x48 gray), round robin over the class folders, seeded picks."""
     if not root.is_dir():
         raise FileNotFoundError(
-            f"FER-2013 faces missing at {root}; set up ../shared/data/fer2013 or pass another"
+            f"FER-2013 faces missing at {root}; restore data/faces or pass another folder"
         )
     rng = random.Random(seed)
     classes = [sorted(d.glob("*.png")) for d in sorted(root.iterdir()) if d.is_dir()]

@@ -37,7 +37,7 @@ import PIL
 from PIL import Image
 
 from bench._frames import (
-    FER_TRAIN,
+    FER_FACES,
     Frame,
     astronaut,
     blank_frames,
@@ -352,7 +352,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--out", type=Path, default=None, help="also write .md and .json to this folder")
     add("--cascades", default="default,alt2", help=f"comma-separated: {','.join(CASCADES)}")
     add("--repeats", type=int, default=3, help="timed runs per frame (median)")
-    add("--data", type=Path, default=FER_TRAIN, help="FER-2013 train folder")
+    add("--data", type=Path, default=FER_FACES, help="FER-2013 train folder")
     add("--core", type=int, default=None, help="CPU to pin to (default first; -1: none)")
     defaults = FaceSettings()
     add("--min-neighbors", type=int, default=defaults.haar_min_neighbors)

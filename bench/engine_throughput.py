@@ -14,11 +14,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from bench._frames import FER_FACES
 from consumer.config import ModelSettings
 from consumer.engine import EmotionEngine, make_tiny_checkpoint
 from consumer.event_source import image_files
-
-FER = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "fer2013" / "train"
 
 
 def main() -> int:
@@ -26,7 +25,7 @@ def main() -> int:
     parser.add_argument("--model-path", type=Path, default=None)
     parser.add_argument("--batch-sizes", default="1,4,16,32")
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--data", type=Path, default=FER)
+    parser.add_argument("--data", type=Path, default=FER_FACES)
     args = parser.parse_args()
     model = args.model_path or make_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny-llava")
     sizes = [int(s) for s in args.batch_sizes.split(",")]

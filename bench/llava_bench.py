@@ -46,6 +46,7 @@ from bench._bench_core import (
 from bench._bench_report import Finisher
 from bench._bench_rows import engine_row, naive_row
 from bench._bench_worker import broker_unavailable, worker_row
+from bench._frames import FER_FACES
 from bench._llava_shapes import (
     SHAPES,
     build_random_checkpoint,
@@ -61,10 +62,7 @@ from consumer.engine.loader import load_checkpoint
 from consumer.engine.scoring import label_token_ids
 
 REPO = Path(__file__).resolve().parent.parent
-# Like the demo and the tests: FER2013_TRAIN overrides the folder beside the checkout.
-DEFAULT_DATA = Path(
-    os.environ.get("FER2013_TRAIN") or REPO.parent / "shared" / "data" / "fer2013" / "train"
-)
+DEFAULT_DATA = FER_FACES
 VARIANTS = ("naive-generate", "eager", "processor-preprocess", "compiled", "fp8")
 # (CUDA, CPU) defaults of the options whose sensible value depends on the device.
 DEVICE_DEFAULTS: dict[str, tuple[Any, Any]] = {

@@ -61,7 +61,7 @@ import cv2
 import PIL
 from PIL import Image, features
 
-from bench._frames import FER_TRAIN, compose_frames, fer_faces
+from bench._frames import FER_FACES, compose_frames, fer_faces
 from consumer.config import DecodeSettings, FaceSettings, FetchSettings
 from consumer.decode_pool import ProcessDecoder
 from consumer.decoding import FrameCropper
@@ -614,7 +614,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--data",
         type=Path,
-        default=Path(os.environ.get("FER2013_TRAIN") or FER_TRAIN),
+        default=FER_FACES,
         help="FER-2013 train folder (class subfolders of PNGs)",
     )
     parser.add_argument("--seed", type=int, default=0)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import threading
 import time
 import uuid
@@ -21,9 +20,9 @@ from consumer.logs import configure_logging
 from schemas import DeadLetter, EmotionResult
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = Path(
-    os.environ.get("FER2013_TRAIN") or REPO.parent / "shared" / "data" / "fer2013" / "train"
-)
+# 404 FER-2013 faces committed with the repository: a stratified sample of the shipped
+# model's validation split (data/faces/README.md says where they come from).
+DEFAULT_DATA = REPO / "data" / "faces"
 # The small LLaVA trained on FER-2013 by `emotion-worker train` (see its README.md).
 DEFAULT_MODEL = REPO / "models" / "llava-fer-small"
 
@@ -44,16 +43,17 @@ def held_out_faces(data: Path, model: Path, events: int) -> list[Path] | None:
     """Up to `events` faces of the model's validation split, round robin over the classes.
 
     A model trained by `emotion-worker train` lists the images it never trained on in
-    split.json; sending those keeps the demo's share of correct labels honest. None when the
-    model has no split file or the split does not describe `data` (another face folder).
+    split.json; sending those keeps the demo's share of correct labels honest. `data` may
+    hold the whole training folder or only part of the split (the committed sample). None
+    when the model has no split file or `data` holds none of its validation faces.
     """
     try:
         split = json.loads((model / "split.json").read_text(encoding="utf-8"))
         relative = [str(item) for item in split["val"]]
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    paths = [data / item for item in relative]
-    if not paths or not all(path.is_file() for path in paths):
+    paths = [data / item for item in relative if (data / item).is_file()]
+    if not paths:
         return None
     # Sorted by class folder, so the classes take turns in a fixed order.
     return round_robin_by_folder(sorted(paths, key=lambda path: path.parent.name), events)
@@ -150,7 +150,8 @@ def run_demo(
     if not data.is_dir():
         print(
             f"error: face folder {data} does not exist; pass --data FOLDER "
-            "(one subfolder per emotion, like FER-2013's train folder)"
+            "(one subfolder per emotion, like FER-2013's train folder), or restore the "
+            "committed faces with `git checkout -- data/faces`"
         )
         return 2
     model = model_path or DEFAULT_MODEL

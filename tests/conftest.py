@@ -12,10 +12,9 @@ import pytest
 from tests.support.worker import WorkerProcess
 
 REPO = Path(__file__).resolve().parent.parent
-# The FER-2013 training folder sits in shared/ beside the checkout; FER2013_TRAIN overrides.
-FER_TRAIN = Path(
-    os.environ.get("FER2013_TRAIN") or REPO.parent / "shared" / "data" / "fer2013" / "train"
-)
+# 404 FER-2013 faces committed with the repository (data/faces/README.md): a stratified
+# sample of the shipped model's validation split, which it never trained on.
+FER_FACES = REPO / "data" / "faces"
 # The committed FER-trained LLaVA (emotion-worker train) and its eval report on its own
 # validation split; tests that need meaningful scores use it, fast unit tests the tiny one.
 FER_CHECKPOINT = REPO / "models" / "llava-fer-small"
@@ -33,10 +32,8 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def fer_faces() -> list[tuple[Path, str]]:
     """Two real FER faces per class: (path, true label)."""
-    if not FER_TRAIN.is_dir():
-        pytest.fail(f"FER data missing at {FER_TRAIN}; set up ../shared/data/fer2013")
     picked = []
-    for class_dir in sorted(p for p in FER_TRAIN.iterdir() if p.is_dir()):
+    for class_dir in sorted(p for p in FER_FACES.iterdir() if p.is_dir()):
         for image in sorted(class_dir.glob("*.png"))[:2]:
             picked.append((image, class_dir.name))
     return picked
@@ -89,7 +86,7 @@ def face_paths() -> list[Path]:
     """400 real FER faces, round-robin over the seven classes."""
     from consumer.event_source import image_files
 
-    return image_files(FER_TRAIN, limit=400)
+    return image_files(FER_FACES, limit=400)
 
 
 @pytest.fixture

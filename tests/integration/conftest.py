@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FER_TRAIN
+from tests.conftest import FER_FACES
 
 pytestmark = pytest.mark.kafka
 
@@ -22,5 +22,5 @@ def junk_files(tmp_path: Path) -> dict[str, Path]:
     text = folder / "notes.jpg"
     text.write_text("hello")
     face = folder / "face.png"
-    shutil.copy(next(FER_TRAIN.joinpath("happy").glob("*.png")), face)
+    shutil.copy(next(FER_FACES.joinpath("happy").glob("*.png")), face)
     return {"garbage": garbage, "text": text, "face": face}

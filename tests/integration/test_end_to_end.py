@@ -98,9 +98,9 @@ def test_shipped_model_through_kafka_scores_held_out_faces_as_the_engine_does(
     from consumer.config import ModelSettings
     from consumer.demo import held_out_faces
     from consumer.engine import EmotionEngine
-    from tests.conftest import FER_CHECKPOINT, FER_TRAIN
+    from tests.conftest import FER_CHECKPOINT, FER_FACES
 
-    faces = held_out_faces(FER_TRAIN, FER_CHECKPOINT, 140)
+    faces = held_out_faces(FER_FACES, FER_CHECKPOINT, 140)
     assert faces is not None and len(faces) == 140
     frames = topic_factory("frames", PARTITIONS)
     results_topic = topic_factory("emotions", PARTITIONS)

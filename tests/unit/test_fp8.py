@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,13 +32,10 @@ from consumer.engine import fp8 as fp8_module
 from consumer.engine import make_tiny_checkpoint
 from consumer.engine.fp8 import FP8Linear, fp8_supported, quantize_language_model
 from consumer.engine.scoring import label_token_ids
+from tests.conftest import FER_FACES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-REPO = Path(__file__).resolve().parents[2]
-FER_TRAIN = Path(
-    os.environ.get("FER2013_TRAIN") or REPO.parent / "shared" / "data" / "fer2013" / "train"
-)
 LAYER_BOUND = 0.05
 MIN_FEATURES = 8  # the tiny model's smallest language-model layer is 64 wide
 
@@ -269,10 +265,8 @@ def tiny_llava(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
 @pytest.fixture(scope="module")
 def face_batch(tiny_llava: tuple[Any, Any]) -> dict[str, torch.Tensor]:
     """The prompt with 21 real FER faces, three per class, as the processor encodes them."""
-    if not FER_TRAIN.is_dir():
-        pytest.fail(f"FER data missing at {FER_TRAIN}; set up ../shared/data/fer2013")
     faces = []
-    for class_dir in sorted(p for p in FER_TRAIN.iterdir() if p.is_dir()):
+    for class_dir in sorted(p for p in FER_FACES.iterdir() if p.is_dir()):
         for image_path in sorted(class_dir.glob("*.png"))[:3]:
             with Image.open(image_path) as image:
                 faces.append(image.convert("RGB"))  # 48x48 grayscale

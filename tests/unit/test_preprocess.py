@@ -23,14 +23,14 @@ from consumer.config import DEFAULT_PROMPT, ModelSettings
 from consumer.engine import EmotionEngine
 from consumer.engine.preprocess import DevicePreprocessor, ProcessorSpec
 from consumer.event_source import image_files
-from tests.conftest import FER_TRAIN
+from tests.conftest import FER_FACES
 
 LEVEL = 1 / 255 / 0.26130258  # one uint8 level in normalised units (smallest CLIP std)
 
 
 @pytest.fixture(scope="module")
 def many_faces() -> list[Image.Image]:
-    return [Image.open(p).convert("L") for p in image_files(FER_TRAIN, limit=700)]
+    return [Image.open(p).convert("L") for p in image_files(FER_FACES, limit=700)]
 
 
 def _processor(checkpoint: Path) -> Any:
