@@ -5,9 +5,9 @@
 #           -e EMOTION_WORKER_KAFKA__BOOTSTRAP_SERVERS=kafka-1:9092 -p 8080:8080 emotion-worker:0.1.0
 # Kubernetes manifests: deploy/k8s (see docs/operations.md).
 #
-# Base image: Debian's python:3.11-slim, not nvidia/cuda. The worker needs Python 3.11
-# (requires-python <3.12) and the nvidia/cuda:13.2.x-*-ubuntu24.04 images ship 3.12 only
-# (3.11 would have to come from the deadsnakes PPA). The CUDA user-space libraries are
+# Base image: Debian's python:3.11-slim, not nvidia/cuda. The worker runs on Python 3.11 to
+# 3.13; 3.11 is the version its whole test suite runs on in CI (3.12 and 3.13 run the unit
+# tests), and the nvidia/cuda:13.2.x-*-ubuntu24.04 images ship 3.12 only. The CUDA user-space libraries are
 # not needed from the base image either: torch 2.15.0 in requirements.lock is the CUDA 13.2
 # build whose wheels bring their own runtime, cuBLAS, cuDNN, NCCL, nvrtc and nvjitlink
 # (the nvidia-*-cu13 / cuda-toolkit==13.2.2 pins), exactly the versions torch was tested
