@@ -12,10 +12,11 @@ the PLAINTEXT one, which stays for admin and test tooling:
 
 * SASL: SASL_PLAINTEXT with SCRAM-SHA-512, SCRAM-SHA-256 and PLAIN. SCRAM users are
   created when the storage is formatted (`--add-scram`), PLAIN users in the listener's JAAS.
-* TLS: SSL with a throw-away CA made by openssl; the server certificate is for 127.0.0.1.
+* TLS: SSL with a throw-away CA made in Python; the server certificate is for 127.0.0.1.
 * MTLS: the same, but the client must show a certificate signed by that CA.
 
-Standard library only, so it also works before the worker's dependencies are installed.
+Standard library only, so it also works before the worker's dependencies are installed;
+only the TLS files (`make_tls_files`) need the `cryptography` package, a test dependency.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import datetime
+import ipaddress
 import os
 import re
 import shutil
@@ -175,55 +178,127 @@ class TlsFiles:
         return self.folder / "other-ca.pem"
 
 
-def _openssl(folder: Path, *args: str) -> None:
-    openssl = _require("openssl", "install OpenSSL (apt-get install openssl) for TLS listeners")
-    proc = subprocess.run([openssl, *args], cwd=folder, capture_output=True, text=True, check=False)
-    if proc.returncode != 0:
-        raise BrokerError(f"openssl {args[0]} failed:\n{proc.stdout}{proc.stderr}")
-
-
 def make_tls_files(folder: Path, days: int = 7) -> TlsFiles:
     """A CA, a broker certificate for 127.0.0.1 and a client certificate, all PEM (EC P-256).
 
-    Made again only if missing, so a kept data dir keeps its CA.
+    Made again only if missing, so a kept data dir keeps its CA. Needs the `cryptography`
+    package (a test dependency), imported here so the rest of this module stays stdlib-only.
     """
     files = TlsFiles(folder, client_key_password="client-key-pass")
     if (folder / ".complete").exists():
         return files
+    try:
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    except ImportError as exc:
+        raise BrokerError(
+            "TLS listeners need the `cryptography` package: pip install cryptography "
+            "(it is in the test extra)"
+        ) from exc
+
     folder.mkdir(parents=True, exist_ok=True)
-    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-noenc"]
-    valid = ["-days", str(days)]
-    for ca in ("ca", "other-ca"):
-        _openssl(
-            folder, "req", "-x509", *ec, *valid, "-keyout", f"{ca}-key.pem", "-out", f"{ca}.pem",
-            "-subj", f"/CN=emotion-worker test {ca}",
-            "-addext", "basicConstraints=critical,CA:TRUE",
-            "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-        )  # fmt: skip
-    leaves = {
-        "broker": "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth\n",
-        "client": "extendedKeyUsage=clientAuth\n",
-    }
-    for name, extensions in leaves.items():
-        (folder / f"{name}.ext").write_text(extensions)
-        _openssl(
-            folder, "req", *ec, "-keyout", f"{name}-plain-key.pem", "-out", f"{name}.csr",
-            "-subj", f"/CN={'127.0.0.1' if name == 'broker' else 'emotion-worker'}",
-        )  # fmt: skip
-        _openssl(
-            folder, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca-key.pem",
-            "-CAcreateserial", *valid, "-extfile", f"{name}.ext", "-out", f"{name}.pem",
-        )  # fmt: skip
-    # Kafka reads a PEM keystore as the (PKCS#8) key followed by the certificate chain.
-    files.broker_keystore.write_text(
-        (folder / "broker-plain-key.pem").read_text() + (folder / "broker.pem").read_text()
+    curve = ec.SECP256R1()
+    now = datetime.datetime.now(datetime.UTC)
+    not_before = now - datetime.timedelta(minutes=5)  # some slack for clock skew
+    not_after = now + datetime.timedelta(days=days)
+
+    def name(common_name: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+    def certificate(
+        subject: x509.Name,
+        key: ec.EllipticCurvePrivateKey,
+        issuer: x509.Name,
+        issuer_key: ec.EllipticCurvePrivateKey,
+        extensions: Sequence[tuple[x509.ExtensionType, bool]],
+    ) -> bytes:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer_key.public_key()), False
+            )
+        )
+        for extension, critical in extensions:
+            builder = builder.add_extension(extension, critical)
+        return builder.sign(issuer_key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+    ca_usage = x509.KeyUsage(
+        digital_signature=False,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=True,
+        crl_sign=True,
+        encipher_only=False,
+        decipher_only=False,
     )
-    _openssl(
-        folder, "pkcs8", "-topk8", "-v2", "aes-256-cbc", "-in", "client-plain-key.pem",
-        "-out", "client-key.pem", "-passout", f"pass:{files.client_key_password}",
-    )  # fmt: skip
+    ca_extensions = [(x509.BasicConstraints(ca=True, path_length=None), True), (ca_usage, True)]
+    ca_name, ca_key = name("emotion-worker test ca"), ec.generate_private_key(curve)
+    files.ca.write_bytes(certificate(ca_name, ca_key, ca_name, ca_key, ca_extensions))
+    other_name, other_key = name("emotion-worker test other-ca"), ec.generate_private_key(curve)
+    files.other_ca.write_bytes(
+        certificate(other_name, other_key, other_name, other_key, ca_extensions)
+    )
+
+    broker_key = ec.generate_private_key(curve)
+    loopback = x509.IPAddress(ipaddress.ip_address("127.0.0.1"))
+    broker_cert = certificate(
+        name("127.0.0.1"),
+        broker_key,
+        ca_name,
+        ca_key,
+        [
+            (x509.SubjectAlternativeName([loopback]), False),
+            (x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False),
+        ],
+    )
+    # Kafka reads a PEM keystore as the (PKCS#8) key followed by the certificate chain.
+    plain_key = broker_key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    _write_private(files.broker_keystore, plain_key + broker_cert)
+
+    client_key = ec.generate_private_key(curve)
+    files.client_cert.write_bytes(
+        certificate(
+            name("emotion-worker"),
+            client_key,
+            ca_name,
+            ca_key,
+            [(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)],
+        )
+    )
+    # Encrypted PKCS#8 (PBES2: PBKDF2-HMAC-SHA256 and AES-256-CBC), which librdkafka opens
+    # with ssl.key.password.
+    _write_private(
+        files.client_key,
+        client_key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(files.client_key_password.encode()),
+        ),
+    )
     (folder / ".complete").write_text("")
     return files
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write a file holding a private key, readable only by its owner."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
 
 
 def _server_properties(

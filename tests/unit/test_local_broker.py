@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-import shutil
-import subprocess
+import ipaddress
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from deploy.kafka.local_broker import (
     BrokerError,
@@ -83,21 +87,46 @@ def test_cli_refuses_a_user_without_password(capsys: pytest.CaptureFixture[str])
     assert "NAME:PASSWORD" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
 def test_tls_files_chain_to_the_ca(tmp_path: Path) -> None:
     files = make_tls_files(tmp_path / "tls")
+    ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
+    other_ca = x509.load_pem_x509_certificate(files.other_ca.read_bytes())
+    broker = x509.load_pem_x509_certificate(files.broker_keystore.read_bytes())  # skips the key
+    client = x509.load_pem_x509_certificate(files.client_cert.read_bytes())
+    for cert in (broker, client):
+        cert.verify_directly_issued_by(ca)  # the name matches and ca's key made the signature
+        with pytest.raises(ValueError, match="issuer"):
+            cert.verify_directly_issued_by(other_ca)
+        # Not just another name: other-ca's key did not make the signature either.
+        other_key = other_ca.public_key()
+        assert isinstance(other_key, ec.EllipticCurvePublicKey) and cert.signature_hash_algorithm
+        with pytest.raises(InvalidSignature):
+            other_key.verify(
+                cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(cert.signature_hash_algorithm)
+            )
+    for authority in (ca, other_ca):
+        assert authority.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    san = broker.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("127.0.0.1")]
+    for cert, usage in (
+        (broker, ExtendedKeyUsageOID.SERVER_AUTH),
+        (client, ExtendedKeyUsageOID.CLIENT_AUTH),
+    ):
+        assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [usage]
 
-    def openssl(*args: str) -> str:
-        return subprocess.run(["openssl", *args], capture_output=True, text=True, check=True).stdout
+    keystore = files.broker_keystore.read_bytes()
+    assert keystore.startswith(b"-----BEGIN PRIVATE KEY-----") and b"CERTIFICATE" in keystore
+    broker_key = serialization.load_pem_private_key(keystore, password=None)
+    assert broker_key.public_key() == broker.public_key()
+    client_pem = files.client_key.read_bytes()
+    assert client_pem.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    with pytest.raises(TypeError, match="encrypted"):
+        serialization.load_pem_private_key(client_pem, password=None)
+    with pytest.raises(ValueError):
+        serialization.load_pem_private_key(client_pem, password=b"wrong")
+    password = files.client_key_password.encode()
+    client_key = serialization.load_pem_private_key(client_pem, password=password)
+    assert client_key.public_key() == client.public_key()
 
-    for cert in (files.broker_keystore, files.client_cert):
-        assert ": OK" in openssl("verify", "-CAfile", str(files.ca), str(cert))
-    with pytest.raises(subprocess.CalledProcessError):
-        openssl("verify", "-CAfile", str(files.other_ca), str(files.client_cert))
-    assert "IP Address:127.0.0.1" in openssl("x509", "-in", str(files.broker_keystore), "-text")
-    keystore = files.broker_keystore.read_text()
-    assert keystore.startswith("-----BEGIN PRIVATE KEY-----") and "CERTIFICATE" in keystore
-    assert "ENCRYPTED PRIVATE KEY" in files.client_key.read_text()
-    openssl("pkey", "-in", str(files.client_key), "-passin", f"pass:{files.client_key_password}")
     before = files.ca.read_bytes()
     assert make_tls_files(tmp_path / "tls") == files and files.ca.read_bytes() == before
