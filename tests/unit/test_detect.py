@@ -80,7 +80,8 @@ def test_finds_most_fer_faces_in_composed_frames(
         matched += len(pairs)
         false_positives += len(boxes) - len(pairs)
 
-    # Measured with alt2: 16 of 25 (0.64) found, 3 false positives in the 10 frames.
+    # Measured with alt2 on the committed faces: 20 of 25 (0.80) found, no false positive
+    # in the 10 frames (16 of 25 and 3 on the first training faces it was tuned with).
     assert faces >= 20
     assert matched / faces >= 0.55, (matched, faces)
     assert false_positives <= 5
@@ -97,9 +98,10 @@ def test_finds_nothing_in_frames_without_faces(detector: HaarDetector) -> None:
         assert detector.detect(Image.fromarray(pixels)) == []
 
 
-# Fixture faces (angry, disgusted, fearful, happy) that the cascade finds alone at every
-# size from 90 to 300 px; this file's other tests are about boxes, not recall.
-CLEAR = (0, 3, 4, 6)
+# Fixture faces (angry/im1052, disgusted/im1, happy/im1081, neutral/im1115 of data/faces)
+# that the cascade finds alone at every size from 90 to 300 px; this file's other tests are
+# about boxes, not recall.
+CLEAR = (1, 2, 6, 8)
 
 
 def _four_faces(fer_gray: list[GrayFace]) -> Image.Image:
