@@ -1,10 +1,21 @@
-# The two commands a user needs: `make demo` and `make test`. Both set up .venv first.
-PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# The two commands a user needs: `make demo` and `make test`. Both check the machine's
+# prerequisites (Python 3.11+, a JDK 17+, Maven), then set up .venv from the lock file.
+
+# The first interpreter of this version that runs: on PATH, else pyenv's (a pyenv shim of a
+# version that is not selected exists on PATH but fails, so each candidate is tried).
+find_python = $(shell for c in python$(1) $$HOME/.pyenv/versions/$(1).*/bin/python$(1) \
+	/usr/bin/python$(1) /usr/local/bin/python$(1); do "$$c" -c "" >/dev/null 2>&1 && \
+	{ command -v "$$c" || echo "$$c"; } && break; done)
+PYTHON ?= $(or $(call find_python,3.11),$(call find_python,3.12),$(call find_python,3.13),python3)
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
+LOCK_HASH := $(shell cat requirements.lock pyproject.toml | sha1sum | cut -c1-12)
+STAMP := $(VENV)/.installed-$(LOCK_HASH)
+# `make test-pythons`: the unit tests on these interpreters too, each in .venv-X.Y.
+OTHER_PYTHONS ?= 3.12 3.13
 
-.PHONY: setup demo test unit integration lint schemas lock broker model model-eval clean
+.PHONY: prereqs setup demo test test-pythons unit integration lint schemas lock broker model \
+	model-eval clean
 
 # Pinned install: every package version comes from requirements.lock. pip's cache
 # (~/.cache/pip) keeps the several-GB torch wheel across fresh clones on one machine.
@@ -15,7 +26,17 @@ $(STAMP): requirements.lock pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
-setup: $(STAMP)
+# One line naming everything that is missing and how to install it, before any work.
+prereqs:
+	@missing=""; \
+	"$(PYTHON)" -c "import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 11))" \
+		>/dev/null 2>&1 || missing="$$missing; Python 3.11+ with venv and pip (apt-get install python3 python3-venv)"; \
+	java_major=$$(java -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1); \
+	[ "$${java_major:-0}" -ge 17 ] 2>/dev/null || missing="$$missing; a JDK 17+ as java on PATH (apt-get install openjdk-17-jdk-headless)"; \
+	command -v mvn >/dev/null 2>&1 || missing="$$missing; Maven as mvn on PATH (apt-get install maven)"; \
+	if [ -n "$$missing" ]; then echo "missing prerequisites$$missing" >&2; exit 2; fi
+
+setup: prereqs $(STAMP)
 
 demo: setup
 	$(BIN)/emotion-worker demo
@@ -23,6 +44,23 @@ demo: setup
 test: setup lint
 	$(BIN)/python -m deploy.kafka.local_broker fetch > /dev/null
 	$(BIN)/python -m pytest
+
+# The unit tests (no broker) on Python 3.12 and 3.13 as well, from the same lock file.
+test-pythons: prereqs
+	@for v in $(OTHER_PYTHONS); do \
+		py=$$(for c in python$$v $$HOME/.pyenv/versions/$$v.*/bin/python$$v; do \
+			"$$c" -c "" >/dev/null 2>&1 && echo "$$c" && break; done); \
+		[ -n "$$py" ] || { echo "missing prerequisite: Python $$v (pyenv install $$v)" >&2; exit 2; }; \
+		venv=.venv-$$v; stamp=$$venv/.installed-$(LOCK_HASH); \
+		if [ ! -f $$stamp ]; then \
+			{ test -x $$venv/bin/python || "$$py" -m venv $$venv; } && \
+			$$venv/bin/python -m pip install --quiet --upgrade "pip==26.3" && \
+			$$venv/bin/python -m pip install --quiet -c requirements.lock -e ".[test,train]" && \
+			rm -f $$venv/.installed-* && touch $$stamp || exit 1; \
+		fi; \
+		echo "== unit tests on $$($$venv/bin/python -V)"; \
+		$$venv/bin/python -m pytest tests/unit -p no:cacheprovider || exit 1; \
+	done
 
 unit: setup
 	$(BIN)/python -m pytest tests/unit
@@ -39,8 +77,22 @@ schemas: setup
 
 # The shipped model (models/llava-fer-small): train from scratch on FER-2013 (about an hour
 # on 2 CPU cores, seed 0), then evaluate it on its own validation split through the engine.
-FER ?= ../shared/data/fer2013/train
+# FER-2013 is not in the repository: `make model FER=<train folder>`, or FER2013_TRAIN in the
+# environment. Without an existing folder, model and model-eval stop before doing anything,
+# with the message of `emotion-worker train` (consumer/train.py, missing_data_message).
+FER ?= $(FER2013_TRAIN)
 MODEL_OUT ?= models/llava-fer-small
+FER_HELP := it must hold one folder of images per class (angry/, disgusted/, fearful/, \
+happy/, neutral/, sad/, surprised/); for FER-2013 use the train folder of the Kaggle dataset \
+"emotion-detection-fer" (FER-2013 of the ICML 2013 representation-learning challenge); for a \
+smoke run the 404 faces committed in data/faces are enough (--data data/faces)
+ifneq ($(filter model model-eval,$(MAKECMDGOALS)),)
+ifeq ($(strip $(FER)),)
+$(error --data is not set (give FER=<folder> or FER2013_TRAIN=<folder>): $(FER_HELP))
+else ifeq ($(wildcard $(FER)/.),)
+$(error --data $(FER) does not exist (or is not a folder): $(FER_HELP))
+endif
+endif
 model: setup
 	$(BIN)/emotion-worker train --data $(FER) --out $(MODEL_OUT) --from-scratch --arch small \
 		--epochs 35 --threads 2 --seed 0
@@ -59,4 +111,4 @@ broker: setup
 	$(BIN)/python -m deploy.kafka.local_broker run --port 9092
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .venv-3.* .cache .pytest_cache .mypy_cache .ruff_cache

@@ -279,7 +279,9 @@ def collect_samples(
     """
     class_map = class_map or {}
     if not data.is_dir():
-        raise EvalError(f"data folder {data} does not exist (or is not a folder)")
+        from consumer.train import missing_data_message
+
+        raise EvalError(missing_data_message(data, labels))
     by_label: dict[str, list[Sample]] = {}
     if split_paths is None:
         folders = _folder_images(data)
@@ -500,6 +502,17 @@ def _versions() -> dict[str, str]:
     return found
 
 
+def report_path(path: Path) -> str:
+    """A path as the report records it: relative to the current directory when it lies
+    inside it (a report made in a checkout names the checkout's files the same way on every
+    machine), otherwise as given on the command line (no resolving into this machine's
+    absolute layout)."""
+    try:
+        return path.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _report(
     *,
     args: argparse.Namespace,
@@ -523,7 +536,7 @@ def _report(
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": argv,
         "model": {
-            "path": str(settings.path.resolve()),
+            "path": report_path(settings.path),
             "model_id": engine.model_id,
             "identity": identity,
             "device": device,
@@ -534,8 +547,8 @@ def _report(
             "settings": settings.model_dump(mode="json"),
         },
         "data": {
-            "folder": str(args.data.resolve()),
-            "split_file": str(args.split_file.resolve()) if args.split_file else None,
+            "folder": report_path(args.data),
+            "split_file": report_path(args.split_file) if args.split_file else None,
             "split": (args.split or "val") if args.split_file else None,
             "class_map": parse_class_map(args.class_map),
             "seed": args.seed,

@@ -6,10 +6,13 @@ trains LoRA adapters (peft) on a full-size one, for a GPU. Either way the output
 Hugging Face LLaVA checkpoint (safetensors) that the worker loads as it is, together with
 split.json, train_log.jsonl, training_args.json, eval_report.json and a README model card.
 
-The shipped FER model was made with (`make model`; about an hour on 2 cores):
+The shipped FER model was made with (`make model FER=<folder>`; about an hour on 2 cores):
 
-    emotion-worker train --data ../shared/data/fer2013/train --out models/llava-fer-small \\
+    emotion-worker train --data <FER-2013 train folder> --out models/llava-fer-small \\
         --from-scratch --arch small --epochs 35 --threads 2 --seed 0
+
+FER-2013 is not part of the repository (see `missing_data_message`); the 404 faces in
+data/faces are enough for a smoke run.
 """
 
 from __future__ import annotations
@@ -17,9 +20,26 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from consumer.config import DEFAULT_PROMPT, FER_LABELS
+
+# Where the training data comes from; the same text is in the Makefile (model, model-eval).
+FER2013_SOURCE = (
+    'for FER-2013 use the train folder of the Kaggle dataset "emotion-detection-fer" '
+    "(FER-2013 of the ICML 2013 representation-learning challenge); for a smoke run the "
+    "404 faces committed in data/faces are enough (--data data/faces)"
+)
+
+
+def missing_data_message(data: Path, labels: Sequence[str] = FER_LABELS) -> str:
+    """The one line printed when --data is not a folder (train and eval, and the Makefile)."""
+    folders = ", ".join(f"{label}/" for label in labels)
+    return (
+        f"--data {data} does not exist (or is not a folder): it must hold one folder of "
+        f"images per class ({folders}); {FER2013_SOURCE}"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +153,9 @@ def main(argv: list[str]) -> int:
             parser.error("--epochs and --batch-size must be at least 1")
     except SystemExit as exc:  # --help (0) and usage errors (2) as exit codes
         return exc.code if isinstance(exc.code, int) else 2
+    if not args.data.is_dir():  # before torch is imported or anything is written
+        print(f"emotion-worker train: {missing_data_message(args.data, labels)}", file=sys.stderr)
+        return 2
 
     from consumer.config import ConfigError
     from consumer.training.dataset import NO_AUGMENT, Augment, DatasetError

@@ -35,7 +35,7 @@ from consumer.plots import (
     write_confusion_matrix,
     write_reliability,
 )
-from tests.conftest import FER_TRAIN
+from tests.conftest import FER_CHECKPOINT, FER_FACES
 
 ABC = ("a", "b", "c")
 
@@ -183,6 +183,32 @@ def test_identity_changes_with_any_model_file(tmp_path: Path) -> None:
     assert checkpoint_identity(folder)["sha256"] not in (before, after)
 
 
+def test_identity_leaves_out_the_model_card_and_training_records(tmp_path: Path) -> None:
+    """The card and the training records describe the weights; editing them keeps the
+    identity (and so the eval report of those weights). What the model computes with
+    (config, weights) changes it."""
+    folder = _checkpoint(tmp_path / "ckpt")
+    records = ("training_args.json", "train_log.jsonl", "split.json", "eval_report.json")
+    for name in ("README.md", *records):
+        (folder / name).write_text("first")
+    (folder / "sub" / "NOTES.md").write_text("first")
+    before = checkpoint_identity(folder)
+    assert [f["path"] for f in before["files"]] == [
+        "config.json",
+        "model.safetensors",
+        "sub/extra.txt",
+    ]
+    assert "*.md" in before["method"] and "training_args.json" in before["method"]
+    for name in ("README.md", "sub/NOTES.md", *records):
+        (folder / name).write_text("edited")
+        assert checkpoint_identity(folder)["sha256"] == before["sha256"], name
+    (folder / "config.json").write_text('{"model_type": "llava", "edited": true}')
+    config_edited = checkpoint_identity(folder)["sha256"]
+    assert config_edited != before["sha256"]
+    (folder / "model.safetensors").write_bytes(b"\x00\x01weightz")
+    assert checkpoint_identity(folder)["sha256"] not in (before["sha256"], config_edited)
+
+
 # ---- pictures ----------------------------------------------------------------------------
 
 
@@ -213,7 +239,7 @@ def test_reliability_png(tmp_path: Path) -> None:
 
 
 def _folder(root: Path, counts: dict[str, int]) -> Path:
-    source = sorted(FER_TRAIN.joinpath("happy").glob("*.png"))
+    source = sorted(FER_FACES.joinpath("happy").glob("*.png"))
     k = 0
     for name, count in counts.items():
         (root / name).mkdir(parents=True, exist_ok=True)
@@ -256,7 +282,7 @@ def test_empty_and_flat_folders(tmp_path: Path) -> None:
         collect_samples(tmp_path / "missing", FER_LABELS)
     flat = tmp_path / "flat"
     flat.mkdir()
-    shutil.copy(next(FER_TRAIN.joinpath("sad").glob("*.png")), flat / "face.png")
+    shutil.copy(next(FER_FACES.joinpath("sad").glob("*.png")), flat / "face.png")
     with pytest.raises(EvalError, match="outside any class folder"):
         collect_samples(flat, FER_LABELS)
 
@@ -342,7 +368,7 @@ def eval_run(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoint: Path) ->
 
     root = tmp_path_factory.mktemp("eval")
     data = root / "data"
-    for class_dir in sorted(p for p in FER_TRAIN.iterdir() if p.is_dir()):
+    for class_dir in sorted(p for p in FER_FACES.iterdir() if p.is_dir()):
         (data / class_dir.name).mkdir(parents=True)
         # disgusted: exactly four files, so --per-class 4 always picks the broken one
         take = 3 if class_dir.name == "disgusted" else 6
@@ -415,6 +441,38 @@ def test_undecodable_image_is_skipped_and_listed(eval_run: dict[str, Any]) -> No
     assert report["data"]["selected_per_label"]["disgusted"] == 4
     assert report["metrics"]["per_class"]["disgusted"]["support"] == 3
     assert "## Skipped images" in (eval_run["out"] / "report.md").read_text()
+
+
+def test_missing_data_folder_is_one_line_naming_the_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from consumer.train import missing_data_message
+
+    missing = tmp_path / "fer2013" / "train"
+    out = tmp_path / "report"
+    argv = ["--model", str(FER_CHECKPOINT), "--data", str(missing), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"emotion-worker eval: error: {missing_data_message(missing)}\n"
+    for part in (f"--data {missing} does not exist", "emotion-detection-fer", "ICML 2013"):
+        assert part in err, part
+    assert "one folder of images per class (angry/, disgusted/" in err
+    assert "data/faces are enough" in err
+    assert not out.exists()  # stopped before writing anything
+
+
+def test_report_paths_are_relative_inside_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from consumer.evaluate import report_path
+
+    (tmp_path / "work" / "models" / "m").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")
+    assert report_path(Path("models/m")) == "models/m"
+    assert report_path(tmp_path / "work" / "models" / "m") == "models/m"
+    # Outside it: as given on the command line, not resolved into this machine's layout.
+    assert report_path(Path("../shared/data/train")) == "../shared/data/train"
+    assert report_path(tmp_path / "elsewhere") == str(tmp_path / "elsewhere")
 
 
 def test_class_map_flag() -> None:

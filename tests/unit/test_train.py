@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,7 @@ from consumer.training.model import (
     save_checkpoint,
 )
 from consumer.training.probe import VisionProbe
-from tests.conftest import FER_TRAIN
+from tests.conftest import FER_FACES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 PROMPT_TEXT = DEFAULT_PROMPT.format(labels=", ".join(FER_LABELS))
@@ -59,11 +61,11 @@ def _examples(counts: dict[int, int]) -> list[Example]:
 
 def _fer(per_class: int, size: int = 48) -> tuple[list[Example], torch.Tensor, torch.Tensor]:
     """The first `per_class` FER faces of every class: examples, uint8 pixels, labels."""
-    examples = scan_folder(FER_TRAIN, FER_LABELS)
+    examples = scan_folder(FER_FACES, FER_LABELS)
     picked: list[Example] = []
     for label in range(len(FER_LABELS)):
         picked.extend([e for e in examples if e.label == label][:per_class])
-    pixels = load_pixels(FER_TRAIN, picked, size)
+    pixels = load_pixels(FER_FACES, picked, size)
     return picked, pixels, torch.tensor([e.label for e in picked])
 
 
@@ -128,7 +130,7 @@ def test_fer_faces_load_as_one_gray_channel_and_normalise_like_the_processor(
 ) -> None:
     _, processor, _ = _scratch()
     path, label = fer_faces[0]
-    pixels = load_pixels(FER_TRAIN, [Example(f"{label}/{path.name}", 0)], 48)
+    pixels = load_pixels(FER_FACES, [Example(f"{label}/{path.name}", 0)], 48)
     assert pixels.shape == (1, 1, 48, 48) and pixels.dtype == torch.uint8
     with Image.open(path) as image:
         reference = processor.image_processor(images=[image.convert("RGB")], return_tensors="pt")
@@ -313,7 +315,7 @@ def test_scratch_checkpoint_loads_in_the_engine_and_scores_what_was_trained(
     examples, pixels, targets = _fer(1)
     faces = []
     for example in examples:
-        with Image.open(FER_TRAIN / example.path) as image:
+        with Image.open(FER_FACES / example.path) as image:
             faces.append(image.copy())
     results = engine.classify(faces)
     model.eval()
@@ -419,3 +421,55 @@ def test_command_line_refuses_bad_arguments(
     assert main([*common, "--data", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["--", "--out", "x"]) == 2  # the separator `emotion-worker train --` keeps
+
+
+def test_missing_training_data_is_one_line_naming_data_and_its_source(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from consumer.train import missing_data_message
+
+    missing = tmp_path / "fer2013" / "train"
+    out = tmp_path / "out"
+    assert main(["--data", str(missing), "--out", str(out), "--labels", "happy,sad"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"emotion-worker train: {missing_data_message(missing, ('happy', 'sad'))}\n"
+    assert f"--data {missing} does not exist" in err
+    assert "one folder of images per class (happy/, sad/)" in err
+    assert '"emotion-detection-fer"' in err and "ICML 2013" in err
+    assert "404 faces committed in data/faces are enough" in err
+    assert not out.exists()  # nothing written, nothing trained
+    # A file is not a data folder either.
+    (tmp_path / "file.png").write_bytes(b"")
+    assert main(["--data", str(tmp_path / "file.png"), "--out", str(out)]) == 2
+    assert "does not exist (or is not a folder)" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs GNU make")
+@pytest.mark.parametrize("target", ["model", "model-eval"])
+def test_make_model_targets_stop_without_training_data(tmp_path: Path, target: str) -> None:
+    """`make model` / `make model-eval` take FER=... or FER2013_TRAIN and, without an
+    existing folder, stop before doing anything with the trainer's message."""
+    from consumer.train import missing_data_message
+
+    env = {k: v for k, v in os.environ.items() if k not in ("FER", "FER2013_TRAIN", "MAKEFLAGS")}
+    missing = tmp_path / "fer2013" / "train"
+    repo = Path(__file__).resolve().parents[2]
+    for extra_env, args, expected in (
+        ({}, [f"FER={missing}"], missing_data_message(missing)),
+        ({"FER2013_TRAIN": str(missing)}, [], missing_data_message(missing)),
+        ({}, [], "--data is not set (give FER=<folder> or FER2013_TRAIN=<folder>): it must"),
+    ):
+        done = subprocess.run(
+            ["make", "--no-print-directory", "-C", str(repo), target, *args],
+            env={**env, **extra_env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert done.returncode != 0
+        assert expected in done.stderr, done.stderr
+        assert done.stdout == ""  # no recipe ran (not even setup)
+    assert missing_data_message(missing).endswith(
+        "for a smoke run the 404 faces committed in data/faces are enough (--data data/faces)"
+    )
