@@ -79,17 +79,54 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _VersionAction(argparse.Action):
+    """`--version`: read from package metadata only when asked (no torch import)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the versions and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kwargs: Any) -> None:
+        from consumer.preflight import version_text
+
+        print(version_text())
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="emotion-worker", description=__doc__)
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="consume frame events and publish emotion results")
     _add_run_flags(run)
 
+    check = sub.add_parser(
+        "check", help="preflight: try the config against the brokers, topics and model (no writes)"
+    )
+    _add_run_flags(check)
+    check.add_argument(
+        "--timeout", type=float, default=10.0, help="seconds per broker call (default 10)"
+    )
+    check.add_argument("--skip-model", action="store_true", help="do not load the model")
+
     produce = sub.add_parser("produce", help="publish a frame event for every image in a folder")
     produce.add_argument("folder", type=Path)
-    produce.add_argument("--bootstrap-servers", required=True)
-    produce.add_argument("--topic", default="frames")
+    produce.add_argument(
+        "--config",
+        type=Path,
+        help="the worker's TOML config: its Kafka settings and security, and its input topic",
+    )
+    produce.add_argument(
+        "--bootstrap-servers",
+        dest="bootstrap_servers",
+        help="beats kafka.bootstrap_servers of --config and the environment",
+    )
+    produce.add_argument("--topic", default=None, help="default: kafka.input_topic (frames)")
+    produce.add_argument(
+        "--inline",
+        action="store_true",
+        help="send each image inside its event as a data: URI instead of a file:// path",
+    )
     produce.add_argument(
         "--stream-id",
         default=None,
@@ -111,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         type=Path,
         default=None,
-        help="labelled face folder (default: ../shared/data/fer2013/train)",
+        help="labelled face folder (default: the committed data/faces)",
     )
     demo.add_argument("--events", type=int, default=300)
     demo.add_argument("--model-path", type=Path, default=None)
@@ -225,16 +262,42 @@ class StopSignals:
         self._callback()
 
 
-def cmd_produce(args: argparse.Namespace) -> int:
-    from consumer.event_source import publish_folder
-    from consumer.kafka_io import ensure_topics
+def cmd_check(args: argparse.Namespace) -> int:
+    from consumer.preflight import run_preflight
 
-    if args.create_topic:
-        ensure_topics(args.bootstrap_servers, [args.topic], partitions=args.create_topic)
-    count = publish_folder(
-        args.folder, args.bootstrap_servers, args.topic, stream_id=args.stream_id, limit=args.limit
+    if not args.timeout > 0:
+        raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    return run_preflight(
+        args.config,
+        overrides_from_flags(args),
+        timeout_s=args.timeout,
+        model=not args.skip_model,
+        echo=lambda line: print(line, flush=True),
     )
-    print(f"published {count} frame events to {args.topic}")
+
+
+def cmd_produce(args: argparse.Namespace) -> int:
+    from consumer.event_source import PublishError, publish_folder
+
+    settings = load_settings(args.config, overrides_from_flags(args))
+    try:
+        report = publish_folder(
+            args.folder,
+            settings,
+            topic=args.topic,
+            stream_id=args.stream_id,
+            limit=args.limit,
+            inline=args.inline,
+            create_partitions=args.create_topic,
+        )
+    except (PublishError, FileNotFoundError) as exc:
+        print(f"emotion-worker produce: {exc}", file=sys.stderr)
+        return 1
+    print(report.summary())
+    if report.failed:
+        errors = "; ".join(dict.fromkeys(report.errors[:5]))
+        print(f"emotion-worker produce: delivery failed: {errors}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -280,6 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     commands = {
         "run": cmd_run,
+        "check": cmd_check,
         "produce": cmd_produce,
         "demo": cmd_demo,
         "make-tiny-model": cmd_make_tiny_model,

@@ -2,7 +2,9 @@
 
 Environment variables use the prefix ``EMOTION_WORKER_`` and ``__`` between nested
 names, for example ``EMOTION_WORKER_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or
-``EMOTION_WORKER_MODEL__PATH=/models/llava-fer``.
+``EMOTION_WORKER_MODEL__PATH=/models/llava-fer``. Tables merge key by key across the
+sources: ``EMOTION_WORKER_KAFKA__COMMON_CONFIG='{"sasl.password": "..."}'`` adds the
+password to the file's ``common_config`` and keeps its other keys.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +25,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
 
 FER_LABELS: tuple[str, ...] = (
     "angry",
@@ -355,60 +364,80 @@ class WorkerSettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # Flags (init) beat the environment; the config file is merged into init by load().
-        return (init_settings, env_settings)
+        # Highest first: flags (init) > environment > config file (> field defaults, which
+        # pydantic-settings appends). pydantic-settings merges the sources' dicts with
+        # pydantic's deep_update, table by table and key by key: a table from the
+        # environment (JSON, or one key per `__` variable) adds to and overrides keys of the
+        # file's table of the same name instead of replacing it. Lists and scalars replace.
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        config_file = _CONFIG_FILE.get()
+        if config_file is not None:
+            sources += (_ConfigFileSource(settings_cls, config_file),)
+        return sources
 
 
-def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
+# The TOML file of the load_settings call in progress (None: no file).
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("emotion_worker_config_file", default=None)
 
 
-def _env_keys() -> set[tuple[str, ...]]:
-    import os
+class _ConfigFileSource(TomlConfigSettingsSource):
+    """pydantic-settings' TOML source, with read errors that name the file and the fix."""
 
-    keys = set()
-    for name in os.environ:
-        if name.upper().startswith("EMOTION_WORKER_"):
-            keys.add(tuple(name[len("EMOTION_WORKER_") :].lower().split("__")))
-    return keys
+    def __init__(self, settings_cls: type[BaseSettings], path: Path) -> None:
+        # The library skips a missing file silently; a path the user gave must exist.
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist; fix the path")
+        if not path.is_file():
+            raise ConfigError(f"config file {path} is not a file; fix the path")
+        super().__init__(settings_cls, toml_file=path)
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        try:
+            return super()._read_file(file_path)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {file_path} is not valid TOML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {file_path} is not UTF-8 text: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"config file {file_path} cannot be read: {exc.strerror}") from exc
 
 
-def _drop_env_overridden(data: dict[str, Any], prefix: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Remove file values that the environment sets, so the environment wins over the file."""
-    env = _env_keys()
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        path = (*prefix, key)
-        if path in env:
-            continue
-        out[key] = _drop_env_overridden(value, path) if isinstance(value, dict) else value
-    return out
+def _plain_tables(value: Any) -> Any:
+    """`value` with settings objects turned into tables of the fields that were set.
+
+    deep_update merges only dicts: a section given as a model instance (e.g.
+    `{"fetch": FetchSettings(...)}`) would replace the file's and the environment's whole
+    table instead of overriding the keys it sets.
+    """
+    if isinstance(value, BaseModel):
+        value = value.model_dump(exclude_unset=True)
+    if isinstance(value, dict):
+        return {key: _plain_tables(item) for key, item in value.items()}
+    return value
 
 
 def load_settings(
     config_file: Path | None = None, overrides: dict[str, Any] | None = None
 ) -> WorkerSettings:
-    """Build the settings; raise ConfigError naming the field and the fix on any mistake."""
-    data: dict[str, Any] = {}
-    if config_file is not None:
-        try:
-            data = tomllib.loads(Path(config_file).read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file {config_file} does not exist; fix the path") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
-        data = _drop_env_overridden(data)
-    data = _deep_merge(data, overrides or {})
+    """Build the settings; raise ConfigError naming the field and the fix on any mistake.
+
+    Precedence, table by table and key by key: `overrides` (the command-line flags) >
+    environment > `config_file` (TOML) > defaults.
+    """
+    token = _CONFIG_FILE.set(None if config_file is None else Path(config_file))
     try:
-        return WorkerSettings(**data)
+        return WorkerSettings(**_plain_tables(overrides or {}))
     except ValidationError as exc:
         raise ConfigError(describe_validation_error(exc, source="setting")) from exc
+    except SettingsError as exc:
+        # e.g. an EMOTION_WORKER_ table variable that is not JSON; the message names the
+        # field and the source, never the value.
+        raise ConfigError(
+            f"{exc}; tables in the environment are JSON, e.g. "
+            """EMOTION_WORKER_KAFKA__COMMON_CONFIG='{"sasl.password": "..."}'"""
+        ) from exc
+    finally:
+        _CONFIG_FILE.reset(token)
 
 
 def describe_validation_error(exc: ValidationError, source: str) -> str:

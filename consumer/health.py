@@ -2,15 +2,40 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from consumer.config import ConfigError
 from consumer.metrics import HealthState, WorkerMetrics
 
 log = structlog.get_logger("consumer.health")
+
+
+def _bind_problem(host: str, port: int, exc: OSError) -> str:
+    """Why the health server could not listen on host:port, and which setting fixes it."""
+    where = f"health.host={host!r} health.port={port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"{where}: port {port} is already in use (another worker or program on this "
+            "host?); set health.port (EMOTION_WORKER_HEALTH__PORT) to a free port, 0 to "
+            "pick any free port, or health.enabled = false to serve no probes"
+        )
+    if exc.errno == errno.EACCES:
+        return (
+            f"{where}: not allowed to listen on port {port} (ports below 1024 need "
+            "privileges); set health.port above 1023, or 0 to pick any free port"
+        )
+    if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT) or isinstance(exc, socket.gaierror):
+        return (
+            f"{where}: cannot listen on host {host!r} ({exc.strerror or exc}); set "
+            "health.host to an address of this machine, e.g. 0.0.0.0 or 127.0.0.1"
+        )
+    return f"{where}: cannot listen ({exc.strerror or exc}); check health.host and health.port"
 
 
 class HealthServer:
@@ -47,7 +72,10 @@ class HealthServer:
             def log_message(self, *args: object) -> None:
                 pass  # probes every few seconds would drown the worker's own log
 
-        self._httpd = ThreadingHTTPServer((host, port), Handler)
+        try:
+            self._httpd = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:
+            raise ConfigError(_bind_problem(host, port, exc)) from exc
         self._httpd.daemon_threads = True
         self._thread = threading.Thread(
             target=self._httpd.serve_forever, name="health", daemon=True

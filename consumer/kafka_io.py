@@ -12,6 +12,7 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from consumer.client_errors import ClientLogThrottle
 from consumer.config import ConfigError, KafkaSettings
 from consumer.work import InputRecord
 
@@ -26,8 +27,10 @@ _PRODUCER_FIXED = {
 }
 
 
-# librdkafka's own log lines go through the worker's logging instead of raw stderr.
+# librdkafka's own log lines go through the worker's logging instead of raw stderr,
+# each kind at most once per interval (a dead bootstrap address means dozens a second).
 CLIENT_LOGGER = logging.getLogger("librdkafka")
+CLIENT_LOGGER.addFilter(ClientLogThrottle())
 
 
 class KafkaConfigError(ConfigError):
@@ -99,6 +102,14 @@ def producer_config(
     if error_cb is not None:
         config["error_cb"] = error_cb
     return {**config, **overrides, **_PRODUCER_FIXED}
+
+
+def admin_config(settings: KafkaSettings) -> dict[str, Any]:
+    """The producer's librdkafka settings (security included) less the producer-only ones."""
+    config = producer_config(settings)
+    for name in ("transactional.id", "enable.idempotence", "acks", "linger.ms", "compression.type"):
+        config.pop(name, None)
+    return config
 
 
 def to_record(message: Message) -> InputRecord:

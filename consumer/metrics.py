@@ -132,6 +132,9 @@ class HealthState:
         self.model_ready = False
         self.subscribed = False
         self.stopping = False
+        # Set by the worker while no Kafka broker has been reached yet, or while the
+        # cluster cannot be reached: what /readyz then says.
+        self.kafka_problem: str | None = None
         self.loop_started: float | None = None
         self.last_loop = time.monotonic()
         self.last_progress = time.monotonic()
@@ -163,6 +166,9 @@ class HealthState:
             return False, "stopping"
         if not self.subscribed:
             return False, "not subscribed to the input topic yet"
+        problem = self.kafka_problem
+        if problem is not None:
+            return False, problem
         return True, "ready"
 
     def liveness(self) -> tuple[bool, str]:

@@ -31,6 +31,7 @@ from confluent_kafka import (
 )
 
 from consumer.batching import Item, MicroBatcher
+from consumer.client_errors import BrokerReachability, Throttle, any_broker_up
 from consumer.committer import CommitError, Committer, OffsetCommitter, TransactionCommitter
 from consumer.config import WorkerSettings
 from consumer.decode_pool import Decoder, make_decoder
@@ -61,6 +62,10 @@ _AUTH_ERRORS = frozenset(
 # An mTLS listener that rejects our certificate shows up as a transport error, like a
 # network outage; only the TLS alert in the text tells it apart.
 _TLS_ALERT = "ssl/tls alert"
+# Client errors that mean no broker can be reached (at the moment).
+_UNREACHABLE_ERRORS = frozenset(
+    {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE}
+)
 
 __all__ = ["Classifier", "Worker", "WorkerStats"]
 
@@ -114,6 +119,10 @@ class Worker:
         self._gauges_at = 0.0
         self.tracker = OffsetTracker()
         kafka = settings.kafka
+        # librdkafka reports each failed connection attempt: say each kind once in a
+        # while, and an unreachable cluster once, plainly (consumer.client_errors).
+        self._client_errors = Throttle()
+        self._reach = BrokerReachability(kafka.bootstrap_servers)
         self.batcher = MicroBatcher(
             settings.batch.max_batch_size, settings.batch.max_wait_ms / 1000.0
         )
@@ -190,7 +199,9 @@ class Worker:
             on_lost=self._on_lost,
         )
         # Subscribed: waiting for an assignment is a ready state (a worker with no
-        # partitions, one of more replicas than partitions, is not broken).
+        # partitions, one of more replicas than partitions, is not broken), once a
+        # broker has answered.
+        self.health.kafka_problem = self._reach.problem()
         self.health.subscribed = True
         self._engine_thread.start()
         try:
@@ -214,6 +225,7 @@ class Worker:
             self._handle(message)
         self._maybe_commit()
         self._update_gauges()
+        self._watch_brokers()
 
     def _handle(self, message: Message) -> None:
         error = message.error()
@@ -221,7 +233,9 @@ class Worker:
             if error.fatal():
                 self._fail(f"fatal consumer error: {error}")
             elif error.code() != KafkaError._PARTITION_EOF:
-                log.warning("consumer error", error=str(error))
+                suppressed = self._client_errors.admit(("consume", error.code()))
+                if suppressed is not None:
+                    log.warning("consumer error", error=str(error), suppressed=suppressed)
             return
         record = to_record(message)
         if not self.tracker.owns(record.topic_partition):
@@ -348,6 +362,7 @@ class Worker:
                 f"was not delivered: {error}"
             )
             return
+        self._broker_reached()
         if outcome.is_dead_letter:
             self.stats.add(dead_letters=1)
             self.metrics.dead_letters.labels(reason=outcome.label).inc()
@@ -377,8 +392,42 @@ class Worker:
                 "sasl.* / ssl.* entries of kafka.common_config (or the topic and group ACLs)"
             )
         else:
-            # librdkafka's own log line (through CLIENT_LOGGER) already says it at warning.
-            log.debug("kafka client error", error=str(error), code=error.name())
+            if error.code() in _UNREACHABLE_ERRORS:
+                self._reach.failed(error.str())
+            # librdkafka retries these; each attempt that fails calls back again.
+            suppressed = self._client_errors.admit(error.code())
+            if suppressed is not None:
+                log.warning(
+                    "kafka client error",
+                    error=error.str(),
+                    code=error.name(),
+                    suppressed=suppressed,
+                )
+
+    def _broker_reached(self) -> None:
+        outage = self._reach.reached()
+        if outage is not None:
+            log.info(
+                "reached the Kafka brokers again",
+                bootstrap_servers=self.settings.kafka.bootstrap_servers,
+                after_s=round(outage, 1),
+            )
+
+    def _watch_brokers(self) -> None:
+        """Say plainly when the cluster cannot be reached; keep /readyz in step."""
+        if not self._reach.ever_reached and self._member_id() is not None:
+            self._broker_reached()  # joined the group: the coordinator answered
+        line = self._reach.check()
+        if line is not None:
+            log.error(line, bootstrap_servers=self.settings.kafka.bootstrap_servers)
+        self.health.kafka_problem = self._reach.problem()
+
+    def _member_id(self) -> str | None:
+        try:
+            member: str | None = self._consumer.memberid()
+        except (RuntimeError, KafkaException):
+            return None
+        return member or None
 
     def _maybe_commit(self, force: bool = False) -> None:
         kafka = self.settings.kafka
@@ -434,6 +483,8 @@ class Worker:
 
     def _on_statistics(self, stats_json: str) -> None:
         """librdkafka statistics (served by consume on the poll thread): consumer lag."""
+        if any_broker_up(stats_json):
+            self._broker_reached()
         try:
             lag = lag_from_statistics(stats_json)
         except (ValueError, TypeError, AttributeError) as exc:
@@ -464,6 +515,7 @@ class Worker:
     # ---- rebalance callbacks (run inside consume(), on the poll thread) ------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._broker_reached()
         for tp in partitions:
             self.tracker.assign((tp.topic, tp.partition))
         # The client assigns them after this callback returns; the next poll-loop turn

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from consumer.config import FetchSettings, describe_validation_error
 from consumer.decode_pool import Decoder, DecoderUnavailableError
-from consumer.errors import EventError
+from consumer.errors import EventError, plain_message
 from consumer.images import fetch_with_retries
 from consumer.work import FailedEvent, InputRecord, Outcome, PreparedEvent
 from schemas import DeadLetter, EmotionResult, FaceEmotion, FrameEvent, Header, result_id_for
@@ -131,6 +131,8 @@ def encode_result(
 def encode_dead_letter(failed: FailedEvent, dead_letter_topic: str) -> Outcome:
     """The dead letter for a failed record: original bytes, headers and why it failed."""
     record = failed.record
+    # A backstop: messages that quote an exception must not carry object addresses.
+    message = plain_message(failed.message)
     letter = DeadLetter(
         source=record.source,
         event_id=failed.event_id,
@@ -138,7 +140,7 @@ def encode_dead_letter(failed: FailedEvent, dead_letter_topic: str) -> Outcome:
         value=record.value,
         headers=[Header(key=k, value=v) for k, v in record.headers],
         error_kind=failed.kind,
-        error_message=failed.message,
+        error_message=message,
         attempts=failed.attempts,
         failed_at=datetime.now(UTC),
         worker_id=WORKER_ID,
@@ -151,7 +153,7 @@ def encode_dead_letter(failed: FailedEvent, dead_letter_topic: str) -> Outcome:
         is_dead_letter=True,
         headers=[("error_kind", failed.kind.encode())],
         event_id=failed.event_id,
-        reason=f"{failed.kind}: {failed.message}",
+        reason=f"{failed.kind}: {message}",
         label=failed.kind,
         stream_id=failed.stream_id,
     )

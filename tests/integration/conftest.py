@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from deploy.kafka.local_broker import LocalKafkaBroker, SaslUser
 from tests.conftest import FER_FACES
 
 pytestmark = pytest.mark.kafka
@@ -24,3 +26,18 @@ def junk_files(tmp_path: Path) -> dict[str, Path]:
     face = folder / "face.png"
     shutil.copy(next(FER_FACES.joinpath("happy").glob("*.png")), face)
     return {"garbage": garbage, "text": text, "face": face}
+
+
+# The SASL user of `secure_broker` (SCRAM-SHA-512, SCRAM-SHA-256 and PLAIN).
+SASL_USER = "worker"
+SASL_PASSWORD = "s3cret-Worker-pw-7f3a"
+
+
+@pytest.fixture(scope="session")
+def secure_broker() -> Iterator[LocalKafkaBroker]:
+    """A broker of its own with SASL_PLAINTEXT, TLS and mTLS listeners beside PLAINTEXT.
+
+    Shared by the security tests and `check`'s; tooling uses its PLAINTEXT listener.
+    """
+    with LocalKafkaBroker(sasl_users=[SaslUser(SASL_USER, SASL_PASSWORD)], tls=True) as broker:
+        yield broker

@@ -1,40 +1,34 @@
 """SASL and TLS settings reach the worker's Kafka clients; credentials never reach its log.
 
-One broker of this module's own, with a SASL_PLAINTEXT listener (SCRAM-SHA-512,
-SCRAM-SHA-256 and PLAIN users), an SSL listener and an SSL listener that requires a client
-certificate. Test tooling (topics, producing events, reading results and offsets) uses its
-PLAINTEXT listener; only the worker goes through the secured ones.
+One broker of its own (`secure_broker`, conftest.py), with a SASL_PLAINTEXT listener
+(SCRAM-SHA-512, SCRAM-SHA-256 and PLAIN users), an SSL listener and an SSL listener that
+requires a client certificate. Test tooling (topics, producing events, reading results
+and offsets) uses its PLAINTEXT listener; only the worker goes through the secured ones.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from deploy.kafka.local_broker import LocalKafkaBroker, SaslUser
+from deploy.kafka.local_broker import LocalKafkaBroker
 from schemas import EmotionResult
+from tests.integration.conftest import SASL_PASSWORD as PASSWORD
+from tests.integration.conftest import SASL_USER as USER
 from tests.support.events import event_bytes
 from tests.support.kafka import committed, end_offsets, produce, read
 from tests.support.worker import WorkerProcess
 
 pytestmark = pytest.mark.kafka
 
-USER = "worker"
-PASSWORD = "s3cret-Worker-pw-7f3a"
 WRONG_PASSWORD = "not-the-Password-91c2"
 EVENTS = 20
 # A worker with wrong credentials must give up on its own within this (model load included).
 FAIL_WITHIN_S = 90.0
-
-
-@pytest.fixture(scope="module")
-def secure_broker() -> Iterator[LocalKafkaBroker]:
-    with LocalKafkaBroker(sasl_users=[SaslUser(USER, PASSWORD)], tls=True) as broker:
-        yield broker
 
 
 @pytest.fixture(scope="module")

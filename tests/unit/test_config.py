@@ -76,3 +76,135 @@ def test_guarantee_settings_cannot_be_overridden() -> None:
     with pytest.raises(KafkaConfigError, match="acks"):
         producer_config(settings.kafka)
     assert producer_config(load_settings().kafka)["enable.idempotence"] is True
+
+
+# ---- tables merge key by key: flags > environment > config file > defaults -------------
+
+_README_KAFKA = (
+    "[kafka]\n"
+    'common_config = { "security.protocol" = "SASL_SSL", "sasl.mechanism" = "SCRAM-SHA-512", '
+    '"sasl.username" = "worker" }\n'
+)
+
+
+def test_readme_example_env_password_merges_into_the_file_table(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text(_README_KAFKA)
+    monkeypatch.setenv("EMOTION_WORKER_KAFKA__COMMON_CONFIG", '{"sasl.password": "hunter2"}')
+    settings = load_settings(config)
+    assert settings.kafka.common_config == {
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "worker",
+        "sasl.password": "hunter2",
+    }
+    client = consumer_config(settings.kafka)
+    assert client["security.protocol"] == "SASL_SSL" and client["sasl.password"] == "hunter2"
+
+
+def test_one_variable_per_key_merges_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The Kubernetes overlay's form: one Secret key per variable.
+    config = tmp_path / "worker.toml"
+    config.write_text(_README_KAFKA)
+    monkeypatch.setenv("EMOTION_WORKER_KAFKA__COMMON_CONFIG__sasl.password", "hunter2")
+    common = load_settings(config).kafka.common_config
+    assert common["sasl.password"] == "hunter2" and common["sasl.mechanism"] == "SCRAM-SHA-512"
+    assert len(common) == 4
+
+
+def test_tables_merge_at_every_level(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text(
+        '[kafka]\nbootstrap_servers = "file:9092"\ngroup_id = "file-group"\n'
+        'input_topic = "file-topic"\n'
+        '[kafka.common_config]\n"client.id" = "file"\n"socket.timeout.ms" = 1000\n'
+        '"sasl.username" = "file-user"\n'
+        "[fetch]\nthreads = 3\nretries = 1\n"
+        '[fetch.s3]\nendpoint_url = "http://file:9000"\nregion = "file-region"\n'
+        'addressing_style = "virtual"\n'
+    )
+    # The environment: a scalar, one table as JSON, one key of a nested table.
+    monkeypatch.setenv("EMOTION_WORKER_KAFKA__GROUP_ID", "env-group")
+    monkeypatch.setenv(
+        "EMOTION_WORKER_KAFKA__COMMON_CONFIG",
+        '{"socket.timeout.ms": 2000, "sasl.username": "env-user"}',
+    )
+    monkeypatch.setenv("EMOTION_WORKER_FETCH__RETRIES", "2")
+    monkeypatch.setenv("EMOTION_WORKER_FETCH__S3__REGION", "env-region")
+    monkeypatch.setenv("EMOTION_WORKER_FETCH__S3__ADDRESSING_STYLE", "auto")
+    flags = {
+        "kafka": {"input_topic": "flag-topic", "common_config": {"sasl.username": "flag-user"}},
+        "fetch": {"s3": {"addressing_style": "path"}},
+    }
+    settings = load_settings(config, flags)
+    kafka, fetch = settings.kafka, settings.fetch
+    assert (kafka.bootstrap_servers, kafka.group_id, kafka.input_topic) == (
+        "file:9092",
+        "env-group",
+        "flag-topic",
+    )
+    assert kafka.output_topic == "emotions"  # default
+    assert kafka.common_config == {
+        "client.id": "file",
+        "socket.timeout.ms": 2000,
+        "sasl.username": "flag-user",
+    }
+    assert (fetch.threads, fetch.retries, fetch.max_redirects) == (3, 2, 3)
+    assert (fetch.s3.endpoint_url, fetch.s3.region, fetch.s3.addressing_style) == (
+        "http://file:9000",
+        "env-region",
+        "path",
+    )
+
+
+def test_a_flag_overrides_one_key_of_a_file_table(tmp_path: Path) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text(_README_KAFKA + 'group_id = "file-group"\n')
+    settings = load_settings(config, {"kafka": {"common_config": {"sasl.username": "flag"}}})
+    assert settings.kafka.common_config == {
+        "security.protocol": "SASL_SSL",
+        "sasl.mechanism": "SCRAM-SHA-512",
+        "sasl.username": "flag",
+    }
+    assert settings.kafka.group_id == "file-group"
+    # A section given as a settings object overrides only the fields it sets.
+    from consumer.config import BatchSettings
+
+    config.write_text("[batch]\nmax_batch_size = 4\nmax_wait_ms = 7\n")
+    batch = load_settings(config, {"batch": BatchSettings(max_wait_ms=9)}).batch
+    assert (batch.max_batch_size, batch.max_wait_ms) == (4, 9)
+
+
+def test_env_overrides_a_scalar_of_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text("[batch]\nmax_batch_size = 4\nmax_wait_ms = 7\n")
+    monkeypatch.setenv("EMOTION_WORKER_BATCH__MAX_BATCH_SIZE", "8")
+    batch = load_settings(config).batch
+    assert (batch.max_batch_size, batch.max_wait_ms) == (8, 7)
+
+
+def test_lists_replace_rather_than_merge(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text('[fetch]\nallow_hosts = ["file.internal", "10.0.0.0/8"]\n')
+    monkeypatch.setenv("EMOTION_WORKER_FETCH__ALLOW_HOSTS", '["env.internal"]')
+    assert load_settings(config).fetch.allow_hosts == ("env.internal",)
+
+
+def test_file_and_environment_mistakes_are_config_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_settings(tmp_path)
+    config = tmp_path / "worker.toml"
+    config.write_text("[batch]\nmax_batch_size = 0\n")
+    with pytest.raises(ConfigError, match=r"batch\.max_batch_size"):
+        load_settings(config)
+    config.write_text(_README_KAFKA)
+    monkeypatch.setenv("EMOTION_WORKER_KAFKA__COMMON_CONFIG", '{"sasl.password": hunter2')
+    with pytest.raises(ConfigError, match="kafka") as info:
+        load_settings(config)
+    assert "hunter2" not in str(info.value)

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from consumer.config import ConfigError
 from consumer.health import HealthServer
 from consumer.metrics import HealthState, WorkerMetrics, lag_from_statistics
 
@@ -120,3 +126,64 @@ def test_a_slow_model_load_does_not_count_as_a_stall(
     time.sleep(0.6)  # longer than stall_timeout_s, all of it "loading the model"
     health.loop_turned()  # consuming starts now
     assert get(url + "/livez")[0] == 200
+
+
+# ---- a health port that is taken --------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that another program (this test) is listening on."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield int(holder.getsockname()[1])
+
+
+def test_a_taken_port_is_a_config_error_naming_health_port(taken_port: int) -> None:
+    with pytest.raises(ConfigError) as info:
+        HealthServer("127.0.0.1", taken_port, WorkerMetrics(), HealthState(1.0, 1.0))
+    message = str(info.value)
+    assert f"health.port={taken_port}" in message and "already in use" in message
+    assert "0 to pick any free port" in message and "health.enabled = false" in message
+
+
+def _run_cli(env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.upper().startswith("EMOTION_WORKER_")}
+    return subprocess.run(
+        [sys.executable, "-m", "consumer.cli", "run", "--model-path", str(tmp_path / "none")],
+        env={**clean, "EMOTION_WORKER_HEALTH__HOST": "127.0.0.1", **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=REPO,
+    )
+
+
+def test_second_worker_on_a_taken_health_port_exits_2_without_traceback(
+    taken_port: int, tmp_path: Path
+) -> None:
+    run = _run_cli({"EMOTION_WORKER_HEALTH__PORT": str(taken_port)}, tmp_path)
+    assert run.returncode == 2, run.stderr
+    assert "configuration error" in run.stderr and f"health.port={taken_port}" in run.stderr
+    assert "already in use" in run.stderr and "0 to pick any free port" in run.stderr
+    assert "Traceback" not in run.stderr and "Errno" not in run.stderr
+
+
+def test_supervised_worker_on_a_taken_health_port_fails_the_supervisor_plainly(
+    taken_port: int, tmp_path: Path
+) -> None:
+    # Child 0 takes health.port itself: it reports the setting and exits 2; the
+    # supervisor stops the other child and fails.
+    run = _run_cli(
+        {
+            "EMOTION_WORKER_HEALTH__PORT": str(taken_port),
+            "EMOTION_WORKER_PROCESSES__DEVICES": '["cpu", "cpu"]',
+        },
+        tmp_path,
+    )
+    assert run.returncode == 1, run.stderr
+    assert f"health.port={taken_port}" in run.stderr and "already in use" in run.stderr
+    assert "Traceback" not in run.stderr

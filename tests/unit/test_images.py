@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -170,3 +171,30 @@ def test_pillow_bomb_guard_is_image_too_large() -> None:
     with pytest.raises(EventError) as info:
         decode_image(bomb_png(), max_pixels=10**12)  # our cap is off; Pillow's fires
     assert info.value.kind == "image_too_large"
+
+
+def _tiff() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format="TIFF")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("data", "words"),
+    [
+        (b"", "the file is empty (0 bytes)"),
+        (bytes(range(200, 256)), "format not recognised (56 bytes, starting c8 c9 ca"),
+        (b"hello", "it is plain text, not an accepted image format (JPEG, PNG"),
+        (b"<html><body>Not Found</body></html>", "it is HTML/XML text, not an accepted"),
+        (_tiff(), "it is TIFF, not an accepted image format"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 50, "starts like a PNG file but its header is broken"),
+        (png_bytes("RGB", (40, 40))[:60], "the PNG 40x40 image data is truncated"),
+    ],
+)
+def test_undecodable_messages_say_what_is_wrong(data: bytes, words: str) -> None:
+    with pytest.raises(EventError) as info:
+        decode_image(data, 10_000)
+    assert info.value.kind == "image_undecodable"
+    assert info.value.message.startswith("image cannot be decoded: ")
+    assert words in info.value.message, info.value.message
+    assert not re.search(r"at 0x[0-9a-fA-F]+|BytesIO", info.value.message)

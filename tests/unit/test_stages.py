@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from consumer.config import FaceSettings, FetchSettings
-from consumer.decode_pool import InlineDecoder
+from consumer.config import DecodeSettings, FaceSettings, FetchSettings
+from consumer.decode_pool import InlineDecoder, make_decoder
 from consumer.errors import EventError
 from consumer.stages import encode_dead_letter, encode_result, parse_event, prepare_event
 from consumer.work import FailedEvent, InputRecord, PreparedEvent
@@ -115,3 +116,39 @@ def test_dead_letter_keeps_original_bytes_and_headers() -> None:
     assert letter.error_kind == "not_json" and letter.attempts == 1
     assert letter.source.offset == 7
     assert outcome.topic == "frames.dlq" and outcome.is_dead_letter
+
+
+@pytest.mark.parametrize("isolation", ["process", "thread"])
+def test_garbage_image_dead_letter_says_why_without_object_addresses(
+    tmp_path: Path, isolation: str
+) -> None:
+    path = tmp_path / "frame.png"
+    path.write_bytes(b"\x00\x01garbage, not an image" * 4)
+    event = FrameEvent.model_validate_json(event_json(image=path.as_uri()))
+    settings = DecodeSettings(isolation=isolation, workers=1)  # type: ignore[arg-type]
+    decoder = make_decoder(settings, FaceSettings(), 10_000_000, 1 << 20)
+    try:
+        outcome = prepare_event(record(b"{}"), event, FetchSettings(), decoder)
+    finally:
+        decoder.close()
+    assert isinstance(outcome, FailedEvent)
+    letter = DeadLetter.model_validate_json(encode_dead_letter(outcome, "dlq").value)
+    assert letter.error_kind == "image_undecodable"
+    message = letter.error_message
+    assert message.startswith("image cannot be decoded: format not recognised"), message
+    assert "92 bytes, starting 00 01 67 61 72 62 61 67 65" in message
+    assert not re.search(r"at 0x[0-9a-fA-F]+|BytesIO", message)
+
+
+def test_dead_letter_messages_never_carry_object_addresses() -> None:
+    # The backstop, for exception texts no decoder message was written for.
+    failed = FailedEvent(
+        record(b"{}"),
+        "image_undecodable",
+        "ValueError: bad <_io.BytesIO object at 0x7f3a2c1d0e50> and <function f at 0xDEADBEEF>",
+        1,
+    )
+    outcome = encode_dead_letter(failed, "dlq")
+    letter = DeadLetter.model_validate_json(outcome.value)
+    assert letter.error_message == "ValueError: bad <_io.BytesIO object> and <function f>"
+    assert outcome.reason is not None and "0x" not in outcome.reason
