@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import sys
 from typing import IO, Any
 
@@ -70,6 +71,9 @@ def serve(config: dict[str, Any], stdin: IO[bytes], stdout: IO[bytes]) -> None:
 
 def main(stdin: IO[bytes] | None = None) -> None:
     """Run with the settings JSON in argv[1]; `stdin` replaces the real one (tests)."""
+    # Ctrl-C reaches the whole process group: the worker drains and then closes this
+    # process's stdin, so SIGINT here would only abort a decode and print a traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = json.loads(sys.argv[1])
     limit = int(config["max_memory_mb"]) * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))

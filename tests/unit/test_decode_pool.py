@@ -138,3 +138,23 @@ def test_processes_are_retired_after_max_tasks() -> None:
         assert len(pids) >= 2
     finally:
         decoder.close()
+
+
+def test_ctrl_c_to_the_process_group_leaves_decoder_processes_to_the_worker() -> None:
+    """SIGINT (a terminal's Ctrl-C reaches every process of the group) must not abort a
+    decoder process with a KeyboardInterrupt traceback: the worker drains and closes it."""
+    import os
+    import signal
+
+    decoder = ProcessDecoder(DecodeSettings(workers=1), FaceSettings(), MAX_PIXELS, MAX_BYTES)
+    try:
+        decoder.decode(png((20, 20)), None)
+        process = decoder._idle.queue[0]
+        assert process is not None
+        os.kill(process.proc.pid, signal.SIGINT)
+        time.sleep(0.3)
+        assert process.proc.poll() is None  # still alive
+        assert decoder.decode(png((30, 20)), None).boxes == [FaceBox(x=0, y=0, width=30, height=20)]
+        assert decoder.crashes == 0
+    finally:
+        decoder.close()
