@@ -439,7 +439,10 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
     def set_timeout(self, timeout: float) -> None:
         """Bound the next socket operations (connect or reads)."""
         self.timeout = timeout
-        if self.io is not None:
+        # fileno -1: the response already closed the socket with its last body bytes
+        # (Python 3.13 does so as soon as read1 reaches the end of a `Connection: close`
+        # body); the next read just returns b"".
+        if self.io is not None and self.io.fileno() != -1:
             self.io.settimeout(timeout)
 
 
