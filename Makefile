@@ -14,8 +14,8 @@ STAMP := $(VENV)/.installed-$(LOCK_HASH)
 # `make test-pythons`: the unit tests on these interpreters too, each in .venv-X.Y.
 OTHER_PYTHONS ?= 3.12 3.13
 
-.PHONY: prereqs setup demo test test-pythons unit integration lint schemas lock broker model \
-	model-eval clean
+.PHONY: prereqs setup demo test test-pythons unit integration lint schemas docs lock broker \
+	model model-eval clean
 
 # Pinned install: every package version comes from requirements.lock. pip's cache
 # (~/.cache/pip) keeps the several-GB torch wheel across fresh clones on one machine.
@@ -74,6 +74,10 @@ lint: setup
 
 schemas: setup
 	$(BIN)/python -m schemas.export
+
+# docs/configuration.md, the reference of every setting, from the settings model.
+docs: setup
+	$(BIN)/python -m consumer.config_reference > docs/configuration.md
 
 # The shipped model (models/llava-fer-small): train from scratch on FER-2013 (about an hour
 # on 2 CPU cores, seed 0), then evaluate it on its own validation split through the engine.
