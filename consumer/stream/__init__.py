@@ -1,0 +1,1 @@
+"""The stream runtime: Kafka plumbing of the worker, and an in-memory broker for tests."""
