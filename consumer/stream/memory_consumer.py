@@ -1,8 +1,10 @@
 """The in-memory broker's consumer: confluent_kafka.Consumer's surface as the worker uses it.
 
 Subscribing joins the broker's consumer group on the next consume(); rebalance callbacks
-(on_assign, on_revoke, on_lost), error_cb, stats_cb and on_commit (queued for synchronous
-commits too, as librdkafka does) run from consume() on the caller's thread.
+(on_assign, on_revoke, on_lost), error_cb, stats_cb and on_commit run from consume() on
+the caller's thread. on_commit reports asynchronous and automatic commits only: a
+synchronous commit returns (or raises) its result, and confluent-kafka-python 2.16 queues
+no report for it (measured against the real broker).
 """
 
 from __future__ import annotations
@@ -307,15 +309,15 @@ class MemoryConsumer(ClientBase):
                 wanted = [(t, p, o) for (t, p), o in sorted(self._stored.items())]
             if not wanted:
                 raise KafkaException(KafkaError(KafkaError._NO_OFFSET, "Local: No offset stored"))
-            error, result = self._commit_locked(wanted)
+            error, result = self._commit_locked(wanted, report=asynchronous)
         if error is not None and not asynchronous:
             raise KafkaException(error)
         return None if asynchronous else result
 
     def _commit_locked(
-        self, wanted: list[tuple[str, int, int]]
+        self, wanted: list[tuple[str, int, int]], report: bool = True
     ) -> tuple[KafkaError | None, list[TopicPartition]]:
-        """Commit (lock held); the on_commit report is queued for sync commits too."""
+        """Commit (lock held); `report`: queue an on_commit report (not for sync commits)."""
         broker = self._broker
         error = None
         if not broker._reachable():
@@ -328,7 +330,8 @@ class MemoryConsumer(ClientBase):
             assert self.group_id is not None
             broker._commit(self.group_id, self._member, wanted)
         result = [TopicPartition(t, p, o) for t, p, o in wanted]
-        self._commit_reports.append((error, result))
+        if report:
+            self._commit_reports.append((error, result))
         broker.changed.notify_all()
         return error, result
 

@@ -13,8 +13,10 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
+from confluent_kafka import TopicPartition
 
 from consumer.decode_pool import InlineDecoder
 from consumer.pipeline import Worker
@@ -134,3 +136,47 @@ def test_memory_broker_gives_the_outcomes_of_the_real_one(
     assert memory.results == real.results
     assert memory.dead_letters == real.dead_letters
     assert memory.committed == real.committed == {0: 20, 1: 20, 2: 20}
+
+
+def _commit_reports(
+    consumer: Any, topic: str, sink: list[tuple[Any, Any]]
+) -> list[tuple[bool, list[int]]]:
+    """A sync then an async commit; what on_commit reported: (failed, offsets) per report."""
+    consumer.subscribe([topic])
+    deadline = time.monotonic() + 30
+    while not consumer.assignment():
+        assert time.monotonic() < deadline, "no assignment"
+        consumer.consume(1, timeout=0.2)
+    consumer.commit(offsets=[TopicPartition(topic, 0, 1)], asynchronous=False)
+    consumer.commit(offsets=[TopicPartition(topic, 0, 2)], asynchronous=True)
+    deadline = time.monotonic() + 10
+    while not sink and time.monotonic() < deadline:
+        consumer.consume(1, timeout=0.2)
+    consumer.consume(1, timeout=0.5)  # a late report of the sync commit would come now
+    consumer.close()
+    return [(error is not None, [tp.offset for tp in parts]) for error, parts in sink]
+
+
+def test_on_commit_reports_the_same_commits_on_both_brokers(
+    kafka_bootstrap: str, topic_factory: Callable[..., str]
+) -> None:
+    """The Worker counts pending commits by on_commit reports: the fake must report exactly
+    the commits the real client reports (the asynchronous one; none for a synchronous one)."""
+    from confluent_kafka import Consumer
+
+    def config(group: str, sink: list[tuple[Any, Any]]) -> dict[str, Any]:
+        return {
+            "group.id": group,
+            "enable.auto.commit": False,
+            "on_commit": lambda error, partitions: sink.append((error, partitions)),
+        }
+
+    topic = topic_factory("commits", 1)
+    real_sink: list[tuple[Any, Any]] = []
+    real = Consumer({"bootstrap.servers": kafka_bootstrap, **config("g-real", real_sink)})
+    broker = MemoryBroker()
+    broker.create_topic(topic, 1)
+    fake_sink: list[tuple[Any, Any]] = []
+    fake = broker.consumer_factory(config("g-fake", fake_sink))
+    assert _commit_reports(real, topic, real_sink) == [(False, [2])]
+    assert _commit_reports(fake, topic, fake_sink) == [(False, [2])]

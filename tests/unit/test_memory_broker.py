@@ -206,9 +206,11 @@ def test_commits_sync_async_and_on_commit_reports() -> None:
     assert c.commit(offsets=[TopicPartition("t", 0, 5)], asynchronous=True) is None
     done = c.commit(offsets=[TopicPartition("t", 1, 7)], asynchronous=False)
     assert done is not None and [(tp.partition, tp.offset) for tp in done] == [(1, 7)]
-    assert reports == []  # served by the next consume, sync ones too (librdkafka)
+    assert reports == []  # served by the next consume
     c.consume(1, timeout=0)
-    assert [(e, [tp.offset for tp in ps]) for e, ps in reports] == [(None, [5]), (None, [7])]
+    # Only the asynchronous commit is reported: confluent-kafka-python queues no on_commit
+    # report for a synchronous one (checked against the real broker).
+    assert [(e, [tp.offset for tp in ps]) for e, ps in reports] == [(None, [5])]
     assert broker.committed("g", "t") == {0: 5, 1: 7}
     got = c.committed([TopicPartition("t", 0), TopicPartition("t", 1)])
     assert [tp.offset for tp in got] == [5, 7]
