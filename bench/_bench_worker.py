@@ -66,9 +66,9 @@ def _broker(bootstrap: str | None) -> Iterator[str]:
 def worker_row(bench: Bench, batch: int, events: int, bootstrap: str | None) -> Row:
     """Events/s of Worker(settings, engine).run() with eager settings at `batch`."""
     from consumer.config import LogSettings, load_settings
-    from consumer.kafka_io import ensure_topics, run_topics
-    from consumer.logs import configure_logging
-    from consumer.pipeline import Worker
+    from consumer.ops.logs import configure_logging
+    from consumer.stream.kafka_io import ensure_topics, run_topics
+    from consumer.stream.worker import Worker
 
     configure_logging(LogSettings(format="console", level="warning"))
     logging.getLogger("librdkafka").setLevel(logging.ERROR)  # "coordinator loading" noise

@@ -2,7 +2,7 @@
 
 Frames with known faces (bench/_frames.py: FER-2013 and LFW crops pasted onto busy
 backgrounds, backgrounds alone, and scikit-image's astronaut photo with a hand-labelled box)
-go through `consumer.detect.HaarDetector` with each cascade asked for. Printed: one summary
+go through `consumer.decode.detect.HaarDetector` with each cascade asked for. Printed: one summary
 row per cascade, then one row per cascade and kind of frame, as markdown; --out also writes
 them as .md and .json.
 
@@ -46,8 +46,8 @@ from bench._frames import (
     lfw_faces,
 )
 from consumer.config import FaceSettings, FetchSettings
-from consumer.detect import HAAR_CASCADE, HaarDetector
-from consumer.images import decode_image
+from consumer.decode.detect import HAAR_CASCADE, HaarDetector
+from consumer.decode.images import decode_image
 from schemas import FaceBox
 
 # Cascades by short name. The three Haar ones ship in the opencv-python-headless wheel;
@@ -409,8 +409,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "times are CPU seconds of the bench's thread (time.thread_time), median of the runs "
         f"per frame, averaged over frames; wall-clock took {_wall_ratio(summary)} of that "
         "(the rest is waiting for the core; per row in the JSON)",
-        "decode+det: the frame as JPEG (quality 90) decoded by consumer.images.decode_image, "
-        "then detected (sum of the two medians)",
+        "decode+det: the frame as JPEG (quality 90) decoded by "
+        "consumer.decode.images.decode_image, then detected (sum of the two medians)",
     ]
     if info["torch_imported"]:
         notes.append("torch was already imported in this process (not by this bench)")

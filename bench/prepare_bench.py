@@ -20,7 +20,7 @@ The rows:
 
 Honest about the core: the images are served by a ThreadingHTTPServer (HTTP/1.1
 keep-alive) in a separate process pinned to the other CPUs, so its work is not counted,
-and fetched with consumer.http_fetch through the worker's keep-alive pool. The measuring
+and fetched with consumer.fetch.http through the worker's keep-alive pool. The measuring
 process is pinned to one CPU (os.sched_setaffinity) and single-threaded (OpenCV's thread
 pool off, OMP_NUM_THREADS=1), and runs one image at a time; a decoder process inherits
 the pin. The stages are timed one by one with the worker's own functions (fetch_bytes,
@@ -63,11 +63,12 @@ from PIL import Image, features
 
 from bench._frames import FER_FACES, compose_frames, fer_faces
 from consumer.config import DecodeSettings, FaceSettings, FetchSettings
-from consumer.decode_pool import ProcessDecoder
-from consumer.decoding import FrameCropper
-from consumer.faces import crop_faces, event_boxes, grow, whole_image
-from consumer.http_fetch import close_idle_connections
-from consumer.images import decode_image, fetch_bytes
+from consumer.decode.decoding import FrameCropper
+from consumer.decode.faces import crop_faces, event_boxes, grow, whole_image
+from consumer.decode.images import decode_image
+from consumer.decode.pool import ProcessDecoder
+from consumer.fetch.pool import close_idle_connections
+from consumer.fetch.references import fetch_bytes
 from schemas import FaceBox
 
 REPO = Path(__file__).resolve().parent.parent
@@ -416,7 +417,7 @@ def measure_inline(
         if got != expected:
             raise RuntimeError(
                 f"{work.name}: the bench's timing split found {got}, FrameCropper {expected}; "
-                "consumer.decoding.FrameCropper changed: update bench/prepare_bench.py"
+                "consumer.decode.decoding.FrameCropper changed: update bench/prepare_bench.py"
             )
     runs = Runs()
     for _ in range(repeats):
@@ -561,7 +562,7 @@ def render(results: Sequence[Result], env: dict[str, Any], notes: Sequence[str])
         f"- {env['date']}; {env['cpus']} CPUs, measured on CPU {env['measured_cpu']}, {server}",
         f"- Python {env['python']}, Pillow {env['pillow']} (libjpeg-turbo "
         f"{'yes' if env['libjpeg_turbo'] else 'no'}), OpenCV {env['opencv']}",
-        "- HTTP/1.1 keep-alive on 127.0.0.1 through consumer.http_fetch. All times are CPU "
+        "- HTTP/1.1 keep-alive on 127.0.0.1 through consumer.fetch.http. All times are CPU "
         "time (this process's threads, plus the decoder process in +process rows), so they "
         "are what an unshared core does: img/s/core is the median over "
         f"{results[0].repeats} runs of images per CPU-second, stage columns are per-image "

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from consumer.config import ConfigError, WorkerSettings, load_settings
 
 if TYPE_CHECKING:  # the run path imports these lazily: `--help` must not load torch
-    from consumer.metrics import HealthState, WorkerMetrics
+    from consumer.ops.metrics import HealthState, WorkerMetrics
 
 # Flag -> (section, field) of WorkerSettings; flags beat the environment and the file.
 _RUN_FLAGS: dict[str, tuple[str, str]] = {
@@ -86,7 +86,7 @@ class _VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, help="print the versions and exit")
 
     def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kwargs: Any) -> None:
-        from consumer.preflight import version_text
+        from consumer.ops.preflight import version_text
 
         print(version_text())
         parser.exit(0)
@@ -172,14 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from consumer.health import HealthServer
-    from consumer.logs import configure_logging, get_logger
-    from consumer.metrics import HealthState, WorkerMetrics
+    from consumer.ops.health import HealthServer
+    from consumer.ops.logs import configure_logging, get_logger
+    from consumer.ops.metrics import HealthState, WorkerMetrics
 
     stop = StopSignals()  # before the slow model load: a stop then must not be lost
     settings = load_settings(args.config, overrides_from_flags(args))
     if settings.processes.devices != "single":  # one worker process per device
-        from consumer.supervisor import run_supervisor
+        from consumer.ops.supervisor import run_supervisor
 
         return run_supervisor(settings, args.config, overrides_from_flags(args))
     configure_logging(settings.log)
@@ -205,8 +205,8 @@ def _serve(
 ) -> int:
     """Load and warm the model, then run the worker until it stops; the exit code."""
     from consumer.engine import EmotionEngine
-    from consumer.logs import get_logger
-    from consumer.pipeline import Worker
+    from consumer.ops.logs import get_logger
+    from consumer.stream.worker import Worker
 
     log = get_logger("consumer.cli")
     started = time.perf_counter()
@@ -263,7 +263,7 @@ class StopSignals:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from consumer.preflight import run_preflight
+    from consumer.ops.preflight import run_preflight
 
     if not args.timeout > 0:
         raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout}")
@@ -334,10 +334,10 @@ def main(argv: list[str] | None = None) -> int:
         if rest[:1] == ["--"]:  # `emotion-worker train -- --data ...`: a separator, not data
             rest = rest[1:]
         if argv[0] == "eval":
-            from consumer.evaluate import main as evaluate_main
+            from consumer.eval.evaluate import main as evaluate_main
 
             return evaluate_main(rest)
-        from consumer.train import main as train_main
+        from consumer.training.cli import main as train_main
 
         return train_main(rest)
     args = build_parser().parse_args(argv)

@@ -15,8 +15,8 @@ from confluent_kafka import Consumer, Producer
 
 from consumer.config import LogSettings, load_settings
 from consumer.event_source import frame_event, image_files, round_robin_by_folder
-from consumer.kafka_io import CLIENT_LOGGER, ensure_topics, run_topics
-from consumer.logs import configure_logging
+from consumer.ops.logs import configure_logging
+from consumer.stream.kafka_io import CLIENT_LOGGER, ensure_topics, run_topics
 from schemas import DeadLetter, EmotionResult
 
 REPO = Path(__file__).resolve().parent.parent
@@ -144,7 +144,7 @@ def run_demo(
 ) -> int:
     """Run the whole path once; returns 0 when every event got a result or dead letter."""
     from consumer.engine import EmotionEngine, make_tiny_checkpoint
-    from consumer.pipeline import Worker
+    from consumer.stream.worker import Worker
 
     data = data or DEFAULT_DATA
     if not data.is_dir():

@@ -127,7 +127,8 @@ def inline_problem(path: Path, event: FrameEvent, settings: WorkerSettings) -> s
     size = len(event.model_dump_json().encode())
     payload = event.image.partition(",")[2]
     # The worker's own checks: the event size first, then the data: cap (before decoding,
-    # 4 base64 characters carry 3 bytes), see stages.parse_event and images.fetch_bytes.
+    # 4 base64 characters carry 3 bytes), see stream.stages.parse_event and
+    # fetch.references.fetch_bytes.
     data_cap = min(settings.fetch.max_data_uri_bytes, settings.fetch.max_bytes)
     reasons = []
     if size > settings.flow.max_event_bytes:
@@ -167,7 +168,7 @@ class _Client:
     """The producer, with its delivery counts and any error that waiting will not fix."""
 
     def __init__(self, settings: WorkerSettings, report: PublishReport) -> None:
-        from consumer.kafka_io import producer_config
+        from consumer.stream.kafka_io import producer_config
 
         self.report = report
         self.fatal: str | None = None
@@ -237,7 +238,7 @@ def publish_folder(
     a data: URI; one the worker would dead-letter as too large is skipped with a warning.
     Raises PublishError when the cluster cannot be reached or refuses the client.
     """
-    from consumer.kafka_io import admin_config, ensure_topics
+    from consumer.stream.kafka_io import admin_config, ensure_topics
 
     paths = image_files(folder, limit)
     report = PublishReport(topic=topic or settings.kafka.input_topic)

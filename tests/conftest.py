@@ -21,6 +21,27 @@ FER_CHECKPOINT = REPO / "models" / "llava-fer-small"
 FER_REPORT = REPO / "models" / "reports" / "llava-fer-small-val"
 
 
+@pytest.fixture(autouse=True)
+def _keep_logging_config() -> Iterator[None]:
+    """Put structlog's and the root logger's set-up back after each test.
+
+    A test that runs the CLI in this process (main(["run", ...])) points both at pytest's
+    captured stderr of that test, which is closed afterwards: a later test's worker thread
+    logging there would die of "I/O operation on closed file".
+    """
+    import logging
+
+    import structlog
+
+    saved = structlog.get_config()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    structlog.configure(**saved)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised tiny LLaVA written in the Hugging Face layout."""
@@ -71,7 +92,7 @@ def kafka_bootstrap() -> Iterator[str]:
 @pytest.fixture
 def topic_factory(kafka_bootstrap: str) -> Callable[..., str]:
     """Creates a fresh topic with a unique name: topic_factory("frames", partitions=2)."""
-    from consumer.kafka_io import ensure_topics
+    from consumer.stream.kafka_io import ensure_topics
 
     def make(prefix: str, partitions: int = 1) -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:10]}"

@@ -1,1 +1,1 @@
-"""The stream runtime: Kafka plumbing of the worker, and an in-memory broker for tests."""
+"""The stream runtime: poll loop, offsets, commits, batching, publishing, Kafka I/O, test broker."""

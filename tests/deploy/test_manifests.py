@@ -633,7 +633,7 @@ def test_scaler_targets_the_worker_and_its_group(
     assert servers == {s.strip() for s in settings.kafka.bootstrap_servers.split(",")}
     reset = {**settings.kafka.common_config, **settings.kafka.consumer_config}.get(
         "auto.offset.reset",
-        "earliest",  # consumer/kafka_io.py's default
+        "earliest",  # consumer/stream/kafka_io.py's default
     )
     assert meta.get("offsetResetPolicy", "latest") == reset
     # KEDA connects the way the worker does.

@@ -25,7 +25,7 @@ def make_stream(kafka_bootstrap: str, topic_factory: Callable[..., str]) -> Call
             out = topic_factory("emotions", partitions)
             dead = topic_factory("dead", 1)
         else:
-            from consumer.kafka_io import ensure_topics
+            from consumer.stream.kafka_io import ensure_topics
 
             suffix = uuid.uuid4().hex[:8]
             frames, out, dead = (f"frames-{suffix}", f"emotions-{suffix}", f"dead-{suffix}")

@@ -11,10 +11,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from consumer import pipeline
 from consumer.cli import main
 from consumer.config import DecodeSettings, FaceSettings
-from consumer.decode_pool import Decoder, ProcessDecoder
+from consumer.decode.pool import Decoder, ProcessDecoder
+from consumer.stream import worker
 
 
 def _faulty_decoder(
@@ -34,7 +34,7 @@ def _faulty_decoder(
     )
 
 
-pipeline.make_decoder = _faulty_decoder
+worker.make_decoder = _faulty_decoder
 
 if __name__ == "__main__":
     sys.exit(main())

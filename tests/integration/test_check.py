@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from consumer.cli import main
-from consumer.kafka_io import ensure_topics
+from consumer.stream.kafka_io import ensure_topics
 from deploy.kafka.local_broker import LocalKafkaBroker
 from tests.integration.conftest import SASL_PASSWORD, SASL_USER
 

@@ -18,9 +18,9 @@ from typing import Any
 import pytest
 from confluent_kafka import TopicPartition
 
-from consumer.decode_pool import InlineDecoder
-from consumer.pipeline import Worker
+from consumer.decode.pool import InlineDecoder
 from consumer.stream.memory_broker import MemoryBroker
+from consumer.stream.worker import Worker
 from tests.support.events import event_bytes
 from tests.support.kafka import committed, end_offsets, produce, read
 from tests.unit.test_worker_in_memory import FACES, StubEngine, worker_settings

@@ -34,12 +34,12 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from consumer import http_fetch
 from consumer.config import DecodeSettings, FaceSettings, FetchSettings, FlowSettings
-from consumer.decode_pool import Decoder, ProcessDecoder
+from consumer.decode.pool import Decoder, ProcessDecoder
 from consumer.errors import EventError
-from consumer.stages import encode_dead_letter, encode_result, parse_event, prepare_event
-from consumer.work import FailedEvent, InputRecord, PreparedEvent
+from consumer.fetch.pool import close_idle_connections
+from consumer.stream.records import FailedEvent, InputRecord, PreparedEvent
+from consumer.stream.stages import encode_dead_letter, encode_result, parse_event, prepare_event
 from schemas import DeadLetter, EmotionResult, ErrorKind, FaceBox
 
 # ---- settings ----------------------------------------------------------------------------
@@ -97,7 +97,7 @@ def handle(
     decoder: Decoder,
     max_event_bytes: int = MAX_EVENT_BYTES,
 ) -> PreparedEvent | FailedEvent:
-    """What consumer.pipeline does with one record: parse on the poll thread, then prepare.
+    """What consumer.stream.worker does with one record: parse on the poll thread, then prepare.
 
     Only an EventError from parse_event is expected (the poll loop catches nothing else);
     prepare_event must return, whatever the image or the server does.
@@ -321,9 +321,7 @@ def network(monkeypatch: pytest.MonkeyPatch) -> Iterator[Network]:
 def _fresh_connection_pool() -> Iterator[None]:
     """Pooled keep-alive connections must not leak from one test's servers into the next."""
     yield
-    close = getattr(http_fetch, "close_idle_connections", None)
-    if close is not None:
-        close()
+    close_idle_connections()
 
 
 # ---- decoders ----------------------------------------------------------------------------

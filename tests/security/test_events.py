@@ -1,6 +1,6 @@
 """Hostile event payloads: parse_event returns an event or raises EventError, nothing else.
 
-The poll loop (consumer.pipeline.Worker._handle) catches only EventError around
+The poll loop (consumer.stream.worker.Worker._handle) catches only EventError around
 parse_event: any other exception ends the worker, and since the record's offset is never
 committed, the restarted worker reads the same record and dies again (a poison pill that
 stops the partition for good). So "raises only EventError" is the property that matters.
@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from consumer.decode_pool import ProcessDecoder
+from consumer.decode.pool import ProcessDecoder
 from consumer.errors import EventError
-from consumer.stages import parse_event
+from consumer.stream.stages import parse_event
 from schemas import FrameEvent
 from schemas.events import IMAGE_SCHEMES
 from tests.security.conftest import (
@@ -63,7 +63,7 @@ def test_an_event_of_exactly_max_event_bytes_is_parsed() -> None:
 
 
 NESTING_BUG = (
-    "consumer/stages.py parse_event: json.loads raises RecursionError on deep nesting (and "
+    "consumer/stream/stages.py parse_event: json.loads raises RecursionError on deep nesting (and "
     "ValueError on integer literals over 4300 digits); only UnicodeDecodeError and "
     "JSONDecodeError are caught, so the exception escapes to the poll loop and kills the "
     "worker on every redelivery. Fix: drop the json.loads pre-check and map pydantic's "
@@ -110,7 +110,7 @@ def test_bytes_that_are_not_utf8_json_are_not_json(value: bytes) -> None:
 
 
 ENCODING_BUG = (
-    "consumer/stages.py parse_event: json.loads(bytes) auto-detects UTF-16 and UTF-32 and "
+    "consumer/stream/stages.py parse_event: json.loads(bytes) auto-detects UTF-16 and UTF-32 and "
     "decodes with 'surrogatepass', so such values (and UTF-8-encoded surrogates) pass the "
     "not_json check and are dead-lettered as invalid_event ('Invalid JSON: ...') although "
     "they are not UTF-8 JSON. Fix: value.decode('utf-8') (strict) before the JSON check, "

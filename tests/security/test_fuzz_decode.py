@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from consumer.config import FaceSettings
-from consumer.decode_pool import InlineDecoder, ProcessDecoder
-from consumer.decoding import Cropped
+from consumer.decode.decoding import Cropped
+from consumer.decode.pool import InlineDecoder, ProcessDecoder
 from consumer.errors import EventError
 from tests.security.conftest import DECODE_KINDS, DECODE_TIMEOUT_S, MAX_PIXELS, SLACK_S, encode
 

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from consumer.config import FetchSettings
-from consumer.decode_pool import ProcessDecoder
-from consumer.work import PreparedEvent
+from consumer.decode.pool import ProcessDecoder
+from consumer.stream.records import PreparedEvent
 from tests.security import conftest as security_conftest
 from tests.security.conftest import (
     DECODE_TIMEOUT_S,
@@ -278,7 +278,7 @@ def test_every_mode_becomes_rgb_crops(
 
 
 SIXTEEN_BIT_BUG = (
-    "consumer/images.py to_rgb: a 16-bit greyscale PNG (mode I;16) goes through "
+    "consumer/decode/images.py to_rgb: a 16-bit greyscale PNG (mode I;16) goes through "
     "Image.convert('RGB'), which clips each 0-65535 sample to 0-255 instead of scaling it, "
     "so every sample over 255 (all but the darkest 0.4% of the range) becomes white and "
     "a 16-bit face reaches the model as a white square. Fix: for I;16 / I;16B / I modes, "
@@ -298,7 +298,7 @@ def test_a_16bit_mid_grey_stays_mid_grey(
 
 
 AMPLIFICATION_BUG = (
-    "consumer/decoding.py FrameCropper / consumer/decode_pool.py: nothing bounds the total "
+    "consumer/decode/decoding.py FrameCropper / consumer/decode/pool.py: nothing bounds the total "
     "size of an event's crops. A ~5 KB 1000x1000 PNG (well under max_pixels) with 64 "
     "face boxes that each cover the whole frame yields 64 x 3 MB = 183 MB of RGB crops, "
     "which the decoder process sends back (decode.max_memory_mb caps only the child) and "

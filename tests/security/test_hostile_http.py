@@ -13,8 +13,8 @@ from collections.abc import Callable
 import pytest
 from PIL import Image
 
-from consumer.decode_pool import ProcessDecoder
-from consumer.work import PreparedEvent
+from consumer.decode.pool import ProcessDecoder
+from consumer.stream.records import PreparedEvent
 from tests.security.conftest import (
     FETCH_BOUND_S,
     MAX_BYTES,

@@ -17,8 +17,8 @@ import pytest
 from PIL import Image
 
 from consumer.config import FetchSettings
-from consumer.decode_pool import ProcessDecoder
-from consumer.work import FailedEvent, PreparedEvent
+from consumer.decode.pool import ProcessDecoder
+from consumer.stream.records import FailedEvent, PreparedEvent
 from tests.security.conftest import (
     FETCH_BOUND_S,
     SETTINGS,
@@ -241,7 +241,7 @@ def test_files_outside_the_roots_are_refused(
 
 
 FIFO_BUG = (
-    "consumer/images.py _read_file: a FIFO (or any non-regular file) inside fetch.file_roots "
+    "consumer/fetch/local.py read_file: a FIFO (or any non-regular file) inside fetch.file_roots "
     "blocks path.open('rb') forever: no timeout applies to file:// reads, so each such event "
     "takes a fetch thread for good and fetch.threads of them stop the worker (and the "
     "partition's in-order output). With file_roots unset (the default) any FIFO or "
@@ -274,7 +274,7 @@ def test_a_fifo_inside_the_roots_does_not_hang_the_fetch(
 
 
 OS_ERROR_BUG = (
-    "consumer/images.py _read_file catches only FileNotFoundError, IsADirectoryError and "
+    "consumer/fetch/local.py read_file catches only FileNotFoundError, IsADirectoryError and "
     "PermissionError: a path with a NUL byte (%00: ValueError, raised by os.path.realpath "
     "before the roots check), a file used as a folder (NotADirectoryError), a symlink loop "
     "(ELOOP) or an over-long name (ENAMETOOLONG) escapes to prepare_event's catch-all and "

@@ -5,7 +5,7 @@ crash and a hang are injected here, on purpose, in front of the real decoder loo
   b"CRASH" -> SIGSEGV (a real segmentation fault, via ctypes)
   b"HANG"  -> never answers
   b"EXIT"  -> exits with status 3
-Anything else is decoded by consumer.decode_child unchanged.
+Anything else is decoded by consumer.decode.child unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import sys
 import time
 from typing import IO
 
-from consumer import decode_child
+from consumer.decode import child
 
 
 class _FaultyStdin:
@@ -37,4 +37,4 @@ class _FaultyStdin:
 
 
 if __name__ == "__main__":
-    decode_child.main(_FaultyStdin(sys.stdin.buffer))  # type: ignore[arg-type]
+    child.main(_FaultyStdin(sys.stdin.buffer))  # type: ignore[arg-type]

@@ -8,8 +8,8 @@ from concurrent.futures import Future
 
 from PIL import Image
 
-from consumer.batching import MicroBatcher
-from consumer.work import FailedEvent, InputRecord, PreparedEvent
+from consumer.stream.batching import MicroBatcher
+from consumer.stream.records import FailedEvent, InputRecord, PreparedEvent
 from schemas import FrameEvent
 
 EVENT = FrameEvent.model_validate_json(

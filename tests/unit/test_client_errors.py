@@ -7,13 +7,13 @@ import logging
 
 import pytest
 
-from consumer.client_errors import (
+from consumer.ops.metrics import HealthState
+from consumer.stream.client_errors import (
     BrokerReachability,
     ClientLogThrottle,
     Throttle,
     any_broker_up,
 )
-from consumer.metrics import HealthState
 
 REFUSED = "127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused"
 
@@ -89,7 +89,7 @@ def test_librdkafka_lines_are_throttled_per_kind_across_clients() -> None:
 
 
 def test_the_kafka_client_logger_carries_the_throttle() -> None:
-    from consumer.kafka_io import CLIENT_LOGGER
+    from consumer.stream.kafka_io import CLIENT_LOGGER
 
     assert any(isinstance(f, ClientLogThrottle) for f in CLIENT_LOGGER.filters)
 

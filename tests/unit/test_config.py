@@ -8,7 +8,7 @@ import pytest
 
 from consumer.cli import build_parser, masked_settings, overrides_from_flags
 from consumer.config import ConfigError, load_settings
-from consumer.kafka_io import KafkaConfigError, consumer_config, producer_config
+from consumer.stream.kafka_io import KafkaConfigError, consumer_config, producer_config
 
 
 def test_defaults_are_valid() -> None:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from consumer.config import DecodeSettings, FaceSettings
-from consumer.decode_pool import InlineDecoder, ProcessDecoder
+from consumer.decode.pool import InlineDecoder, ProcessDecoder
 from consumer.errors import EventError
 from schemas import FaceBox
 

@@ -1,4 +1,4 @@
-"""consumer.detect: the Haar face detector on real faces, blank frames and scaled frames."""
+"""consumer.decode.detect: the Haar face detector on real faces, blank frames and scaled frames."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from PIL import Image
 from bench._frames import ASTRONAUT_FACE, GrayFace, astronaut, background, compose_frames
 from bench.detector_bench import iou, main, match
 from consumer.config import FaceSettings
-from consumer.detect import (
+from consumer.decode.detect import (
     HAAR_CASCADE,
     DetectorUnavailableError,
     FaceDetector,

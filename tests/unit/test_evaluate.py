@@ -13,14 +13,7 @@ import pytest
 from PIL import Image
 
 from consumer.config import FER_LABELS
-from consumer.eval_report import (
-    EvalInputError,
-    calibration,
-    checkpoint_identity,
-    compute_metrics,
-    confusion_matrix,
-)
-from consumer.evaluate import (
+from consumer.eval.evaluate import (
     EvalError,
     build_parser,
     collect_samples,
@@ -28,12 +21,19 @@ from consumer.evaluate import (
     parse_class_map,
     read_split,
 )
-from consumer.plots import (
+from consumer.eval.plots import (
     RELIABILITY_SIZE,
     confusion_matrix_size,
     draw_confusion_matrix,
     write_confusion_matrix,
     write_reliability,
+)
+from consumer.eval.report import (
+    EvalInputError,
+    calibration,
+    checkpoint_identity,
+    compute_metrics,
+    confusion_matrix,
 )
 from tests.conftest import FER_CHECKPOINT, FER_FACES
 
@@ -311,7 +311,7 @@ def test_split_files(tmp_path: Path) -> None:
 
 
 def test_config_supplies_model_settings(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    from consumer.evaluate import _settings
+    from consumer.eval.evaluate import _settings
 
     config = tmp_path / "worker.toml"
     config.write_text(
@@ -446,7 +446,7 @@ def test_undecodable_image_is_skipped_and_listed(eval_run: dict[str, Any]) -> No
 def test_missing_data_folder_is_one_line_naming_the_source(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from consumer.train import missing_data_message
+    from consumer.training.cli import missing_data_message
 
     missing = tmp_path / "fer2013" / "train"
     out = tmp_path / "report"
@@ -464,7 +464,7 @@ def test_missing_data_folder_is_one_line_naming_the_source(
 def test_report_paths_are_relative_inside_the_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from consumer.evaluate import report_path
+    from consumer.eval.evaluate import report_path
 
     (tmp_path / "work" / "models" / "m").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "work")

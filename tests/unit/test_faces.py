@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
+from consumer.decode.faces import crop_faces, event_boxes, grow, whole_image
 from consumer.errors import EventError
-from consumer.faces import crop_faces, event_boxes, grow, whole_image
 from schemas import FaceBox
 
 

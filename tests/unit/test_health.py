@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from consumer.config import ConfigError
-from consumer.health import HealthServer
-from consumer.metrics import HealthState, WorkerMetrics, lag_from_statistics
+from consumer.ops.health import HealthServer
+from consumer.ops.metrics import HealthState, WorkerMetrics, lag_from_statistics
 
 
 def get(url: str) -> tuple[int, str]:

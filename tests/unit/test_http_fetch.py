@@ -24,11 +24,12 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from consumer import http_fetch
 from consumer.config import FetchSettings
+from consumer.decode.images import decode_image
 from consumer.errors import EventError
-from consumer.http_fetch import forbidden_reason, resolve_checked
-from consumer.images import decode_image, fetch_bytes, fetch_with_retries
+from consumer.fetch import pool
+from consumer.fetch.references import fetch_bytes, fetch_with_retries
+from consumer.fetch.ssrf import forbidden_reason, resolve_checked
 from tests.support.network import guard_loopback, self_signed_certificate
 
 PUBLIC = "93.184.216.34"  # a global address; never actually connected to
@@ -37,9 +38,9 @@ PUBLIC = "93.184.216.34"  # a global address; never actually connected to
 @pytest.fixture(autouse=True)
 def _no_pooled_connections() -> Iterator[None]:
     """Each test starts and ends with an empty keep-alive pool."""
-    http_fetch.close_idle_connections()
+    pool.close_idle_connections()
     yield
-    http_fetch.close_idle_connections()
+    pool.close_idle_connections()
 
 
 def png_bytes() -> bytes:
@@ -346,7 +347,7 @@ def test_https_verifies_the_hostname_over_the_pinned_address(
         fetch_bytes(f"https://images.test:{tls_server}/face.png", settings)
     assert untrusted.value.kind == "image_fetch_failed" and not untrusted.value.retriable
     trusting = ssl.create_default_context(cafile=str(certificate[0]))
-    monkeypatch.setattr(http_fetch._PinnedHTTPSConnection, "_tls", trusting)
+    monkeypatch.setattr(pool.PinnedHTTPSConnection, "_tls", trusting)
     # Trusted: SNI and the certificate check use images.test while connecting to 127.0.0.1.
     assert fetch_bytes(f"https://images.test:{tls_server}/face.png", settings) == png_bytes()
     # The same certificate for another name fails hostname verification.
@@ -515,7 +516,7 @@ def test_trickled_headers_over_tls_cannot_outlast_the_total_deadline(
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_tls.load_cert_chain(cert, key)
     trusting = ssl.create_default_context(cafile=str(cert))
-    monkeypatch.setattr(http_fetch._PinnedHTTPSConnection, "_tls", trusting)
+    monkeypatch.setattr(pool.PinnedHTTPSConnection, "_tls", trusting)
     monkeypatch.setattr(socket, "getaddrinfo", Resolver(["127.0.0.1"]))
     settings = LOOPBACK.model_copy(update={"timeout_s": 1.5, "read_timeout_s": 5.0})
     with SlowServer(0.3, tls=server_tls) as slow:

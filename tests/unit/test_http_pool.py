@@ -1,4 +1,4 @@
-"""The shared keep-alive pool of http_fetch: reuse, bounds, stale connections, SSRF pinning.
+"""consumer.fetch.pool, the shared keep-alive pool: reuse, bounds, stale connections, SSRF pinning.
 
 Every server here is an HTTP/1.1 (keep-alive) server on a loopback address that counts the
 TCP connections it accepts; every client connect is checked to be loopback too.
@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from consumer import http_fetch
 from consumer.config import FetchSettings
 from consumer.errors import EventError
-from consumer.images import fetch_bytes, fetch_with_retries
+from consumer.fetch import pool, watchdog
+from consumer.fetch.references import fetch_bytes, fetch_with_retries
 from tests.support.network import guard_loopback, self_signed_certificate
 
 
@@ -145,9 +145,9 @@ def keepalive() -> Iterator[KeepAliveServer]:
 def _loopback_only(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """An empty pool before and after; any connect beyond loopback fails the test."""
     guard_loopback(monkeypatch)
-    http_fetch.close_idle_connections()
+    pool.close_idle_connections()
     yield
-    http_fetch.close_idle_connections()
+    pool.close_idle_connections()
 
 
 LOOPBACK = FetchSettings(allow_hosts=("127.0.0.0/8",), retries=0, timeout_s=5.0)
@@ -170,7 +170,7 @@ def test_sequential_fetches_share_one_connection(keepalive: KeepAliveServer) -> 
     for _ in range(10):
         assert fetch_bytes(f"{keepalive.url}/face.png", LOOPBACK) == PNG
     assert keepalive.accepted == 1 and keepalive.requests == 10
-    assert http_fetch.idle_connections() == 1
+    assert pool.idle_connections() == 1
 
 
 def test_redirect_hops_and_small_error_bodies_reuse_the_connection(
@@ -206,7 +206,7 @@ def test_concurrent_fetches_open_at_most_one_connection_per_thread(
     assert errors == []
     assert keepalive.requests == threads * each
     assert 1 <= keepalive.accepted <= threads
-    assert http_fetch.idle_connections() <= threads
+    assert pool.idle_connections() <= threads
 
 
 def _concurrently(url: str, settings: FetchSettings, threads: int) -> None:
@@ -231,16 +231,16 @@ def test_idle_connections_per_host_are_bounded(keepalive: KeepAliveServer) -> No
     settings = LOOPBACK.model_copy(update={"pool_max_idle_per_host": 2})
     _concurrently(f"{keepalive.url}/slow", settings, 4)
     assert keepalive.accepted == 4
-    assert http_fetch.idle_connections() == 2
+    assert pool.idle_connections() == 2
 
 
 def test_idle_connections_in_all_are_bounded_oldest_out() -> None:
     settings = LOOPBACK.model_copy(update={"pool_max_idle": 3, "pool_max_idle_per_host": 4})
     with serving(KeepAliveServer()) as first, serving(KeepAliveServer()) as second:
         _concurrently(f"{first.url}/slow", settings, 4)
-        assert first.accepted == 4 and http_fetch.idle_connections() == 3
+        assert first.accepted == 4 and pool.idle_connections() == 3
         assert fetch_bytes(f"{second.url}/face.png", settings) == PNG
-        assert http_fetch.idle_connections() == 3  # one of first's went to make room
+        assert pool.idle_connections() == 3  # one of first's went to make room
         assert fetch_bytes(f"{second.url}/face.png", settings) == PNG
         assert second.accepted == 1
 
@@ -249,7 +249,7 @@ def test_pool_max_idle_zero_disables_reuse(keepalive: KeepAliveServer) -> None:
     settings = LOOPBACK.model_copy(update={"pool_max_idle": 0})
     for _ in range(3):
         assert fetch_bytes(f"{keepalive.url}/face.png", settings) == PNG
-    assert keepalive.accepted == 3 and http_fetch.idle_connections() == 0
+    assert keepalive.accepted == 3 and pool.idle_connections() == 0
 
 
 def test_a_body_cut_short_by_the_byte_cap_closes_the_connection(
@@ -259,7 +259,7 @@ def test_a_body_cut_short_by_the_byte_cap_closes_the_connection(
     with pytest.raises(EventError) as info:
         fetch_bytes(f"{keepalive.url}/big", settings)
     assert info.value.kind == "image_too_large"
-    assert http_fetch.idle_connections() == 0
+    assert pool.idle_connections() == 0
     assert fetch_bytes(f"{keepalive.url}/face.png", settings) == PNG
     assert keepalive.accepted == 2
 
@@ -275,11 +275,11 @@ def test_a_connection_the_server_closed_while_idle_is_not_used() -> None:
 def test_a_connection_idle_for_too_long_is_not_reused(
     keepalive: KeepAliveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(http_fetch, "_IDLE_MAX_AGE_S", 0.1)
+    monkeypatch.setattr(pool, "_IDLE_MAX_AGE_S", 0.1)
     assert fetch_bytes(f"{keepalive.url}/face.png", LOOPBACK) == PNG
     time.sleep(0.2)  # the server would still take it; the pool does not
     assert fetch_bytes(f"{keepalive.url}/face.png", LOOPBACK) == PNG
-    assert keepalive.accepted == 2 and http_fetch.idle_connections() == 1
+    assert keepalive.accepted == 2 and pool.idle_connections() == 1
 
 
 def test_a_pooled_connection_dropped_at_the_request_is_retried_once_for_free() -> None:
@@ -300,7 +300,7 @@ def test_the_deadline_still_holds_on_a_pooled_connection(keepalive: KeepAliveSer
     assert time.monotonic() - start < 1.0 + 1.0
     assert info.value.retriable and "took over 1.0s" in info.value.message
     # The watchdog's shutdown was not mistaken for a stale connection (no second connect).
-    assert keepalive.accepted == 1 and http_fetch.idle_connections() == 0
+    assert keepalive.accepted == 1 and pool.idle_connections() == 0
 
 
 def test_one_watchdog_thread_and_a_heap_that_does_not_grow(keepalive: KeepAliveServer) -> None:
@@ -308,7 +308,7 @@ def test_one_watchdog_thread_and_a_heap_that_does_not_grow(keepalive: KeepAliveS
         assert fetch_bytes(f"{keepalive.url}/face.png", LOOPBACK) == PNG
     names = [thread.name for thread in threading.enumerate()]
     assert names.count("http-fetch-deadlines") == 1
-    assert len(http_fetch._watchdog._heap) <= 64 + 1
+    assert len(watchdog._watchdog._heap) <= 64 + 1
 
 
 def _server_on(address: str, port: int) -> KeepAliveServer | None:
@@ -356,7 +356,7 @@ def test_tls_connections_are_reused(
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_tls.load_cert_chain(cert, key)
     trusting = ssl.create_default_context(cafile=str(cert))
-    monkeypatch.setattr(http_fetch._PinnedHTTPSConnection, "_tls", trusting)
+    monkeypatch.setattr(pool.PinnedHTTPSConnection, "_tls", trusting)
     monkeypatch.setattr(socket, "getaddrinfo", Resolver("127.0.0.1"))
     with serving(KeepAliveServer(tls=server_tls)) as server:
         for _ in range(3):

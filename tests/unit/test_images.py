@@ -13,8 +13,9 @@ import pytest
 from PIL import Image
 
 from consumer.config import FetchSettings
+from consumer.decode.images import decode_image
 from consumer.errors import EventError
-from consumer.images import decode_image, fetch_bytes, fetch_with_retries
+from consumer.fetch.references import fetch_bytes, fetch_with_retries
 from tests.support.http_server import ImageServer
 
 # The test servers listen on loopback, which the SSRF guard refuses unless allowed.

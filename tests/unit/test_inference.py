@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from consumer.inference import BatchRunner
-from consumer.work import FailedEvent, InputRecord, PreparedEvent
+from consumer.stream.batch_runner import BatchRunner
+from consumer.stream.records import FailedEvent, InputRecord, PreparedEvent
 from schemas import DeadLetter, EmotionResult, FaceBox, FrameEvent
 
 LABELS = ("happy", "sad")

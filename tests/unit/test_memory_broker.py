@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
-from consumer.metrics import lag_from_statistics
+from consumer.ops.metrics import lag_from_statistics
 from consumer.stream.memory_broker import MemoryBroker
 from consumer.stream.memory_consumer import MemoryConsumer
 from consumer.stream.memory_producer import MemoryProducer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from consumer.offsets import OffsetTracker
+from consumer.stream.offsets import OffsetTracker
 
 TP = ("frames", 0)
 OTHER = ("frames", 1)

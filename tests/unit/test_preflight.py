@@ -13,7 +13,7 @@ import pytest
 
 from consumer.cli import main
 from consumer.config import load_settings
-from consumer.preflight import (
+from consumer.ops.preflight import (
     CheckResult,
     check_health_port,
     check_model,

@@ -21,11 +21,10 @@ from typing import Any, ClassVar
 import pytest
 from pydantic import SecretStr, ValidationError
 
-from consumer import s3_fetch
 from consumer.config import ConfigError, FetchSettings, S3Settings, load_settings
 from consumer.errors import EventError
-from consumer.images import fetch_with_retries
-from consumer.s3_fetch import fetch_s3, parse_s3_uri, s3_client
+from consumer.fetch.references import fetch_with_retries
+from consumer.fetch.s3 import clear_clients, fetch_s3, parse_s3_uri, s3_client
 from schemas import FrameEvent
 from tests.support.network import guard_loopback
 from tests.support.s3_server import DUMMY_KEY_ID, DUMMY_SECRET, S3Server, free_port
@@ -59,9 +58,9 @@ def loopback_only(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, ...]]:
 @pytest.fixture
 def fresh_clients() -> Iterator[None]:
     """No cached clients before or after: default-chain credentials are read at creation."""
-    s3_fetch.clear_clients()
+    clear_clients()
     yield
-    s3_fetch.clear_clients()
+    clear_clients()
 
 
 def settings_for(endpoint: str, **fetch: Any) -> FetchSettings:

@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 
 from consumer.config import DecodeSettings, FaceSettings, FetchSettings
-from consumer.decode_pool import InlineDecoder, make_decoder
+from consumer.decode.pool import InlineDecoder, make_decoder
 from consumer.errors import EventError
-from consumer.stages import encode_dead_letter, encode_result, parse_event, prepare_event
-from consumer.work import FailedEvent, InputRecord, PreparedEvent
+from consumer.stream.records import FailedEvent, InputRecord, PreparedEvent
+from consumer.stream.stages import encode_dead_letter, encode_result, parse_event, prepare_event
 from schemas import DeadLetter, EmotionResult, FrameEvent, result_id_for
 
 DECODER = InlineDecoder(FaceSettings(), max_pixels=10_000_000)

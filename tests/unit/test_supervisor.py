@@ -27,7 +27,7 @@ from consumer.config import (
     WorkerSettings,
     load_settings,
 )
-from consumer.supervisor import (
+from consumer.ops.supervisor import (
     PROCESS_INDEX_ENV,
     ChildSpec,
     Placement,
@@ -219,8 +219,8 @@ while time.monotonic() < end:
 DRIVER = """
 import json, sys
 from consumer.config import LogSettings
-from consumer.logs import configure_logging, get_logger
-from consumer.supervisor import ChildSpec, Placement, Supervisor
+from consumer.ops.logs import configure_logging, get_logger
+from consumer.ops.supervisor import ChildSpec, Placement, Supervisor
 raw = json.loads(open(sys.argv[1]).read())
 specs = [ChildSpec(Placement(**s["placement"]), s["argv"], s["env"]) for s in raw["specs"]]
 configure_logging(LogSettings(format="json"))
@@ -382,7 +382,7 @@ def test_two_deaths_in_one_turn_ask_the_survivors_to_drain_only_once() -> None:
     Both deaths must be seen in the same turn of the loop, which a live supervisor
     cannot be made to do on cue, so this drives one turn by hand on real processes.
     """
-    from consumer.supervisor import Supervisor, _Child
+    from consumer.ops.supervisor import Supervisor, _Child
 
     class Log:
         def info(self, *_: object, **__: object) -> None: ...

@@ -20,7 +20,7 @@ from consumer.config import DEFAULT_PROMPT, FER_LABELS, ModelSettings
 from consumer.engine import EmotionEngine
 from consumer.engine.loader import validate_checkpoint
 from consumer.engine.scoring import label_sequences
-from consumer.train import main
+from consumer.training.cli import main
 from consumer.training.dataset import (
     NO_AUGMENT,
     Augment,
@@ -426,7 +426,7 @@ def test_command_line_refuses_bad_arguments(
 def test_missing_training_data_is_one_line_naming_data_and_its_source(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from consumer.train import missing_data_message
+    from consumer.training.cli import missing_data_message
 
     missing = tmp_path / "fer2013" / "train"
     out = tmp_path / "out"
@@ -449,7 +449,7 @@ def test_missing_training_data_is_one_line_naming_data_and_its_source(
 def test_make_model_targets_stop_without_training_data(tmp_path: Path, target: str) -> None:
     """`make model` / `make model-eval` take FER=... or FER2013_TRAIN and, without an
     existing folder, stop before doing anything with the trainer's message."""
-    from consumer.train import missing_data_message
+    from consumer.training.cli import missing_data_message
 
     env = {k: v for k, v in os.environ.items() if k not in ("FER", "FER2013_TRAIN", "MAKEFLAGS")}
     missing = tmp_path / "fer2013" / "train"

@@ -15,8 +15,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-import consumer.pipeline
-from consumer.client_errors import BrokerReachability
+import consumer.stream.worker
 from consumer.config import (
     BatchSettings,
     DecodeSettings,
@@ -26,11 +25,12 @@ from consumer.config import (
     KafkaSettings,
     WorkerSettings,
 )
-from consumer.decode_pool import InlineDecoder
-from consumer.metrics import HealthState
-from consumer.pipeline import Worker
+from consumer.decode.pool import InlineDecoder
+from consumer.ops.metrics import HealthState
+from consumer.stream.client_errors import BrokerReachability
 from consumer.stream.memory_broker import MemoryBroker
 from consumer.stream.memory_consumer import MemoryConsumer
+from consumer.stream.worker import Worker
 from schemas import DeadLetter, EmotionResult
 from tests.support.events import event_bytes
 
@@ -288,7 +288,7 @@ def test_broker_outage_makes_the_worker_unready_until_it_recovers(
 ) -> None:
     # The worker's reachability thresholds (5 s) are constants; shrink them for the test.
     quick = functools.partial(BrokerReachability, report_after_s=0.2)
-    monkeypatch.setattr(consumer.pipeline, "BrokerReachability", quick)
+    monkeypatch.setattr(consumer.stream.worker, "BrokerReachability", quick)
     broker = MemoryBroker(error_interval_s=0.05)
     _topics(broker, 2)
     _events(broker, 6, 2)

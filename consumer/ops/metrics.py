@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-log = structlog.get_logger("consumer.metrics")
+log = structlog.get_logger("consumer.ops.metrics")
 
 # Seconds, from a few ms (a warm batch) to minutes (a backlog being worked off).
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)

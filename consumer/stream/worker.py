@@ -30,21 +30,21 @@ from confluent_kafka import (
     TopicPartition,
 )
 
-from consumer.batching import Item, MicroBatcher
-from consumer.client_errors import BrokerReachability, Throttle, any_broker_up
-from consumer.committer import CommitError, Committer, OffsetCommitter, TransactionCommitter
 from consumer.config import WorkerSettings
-from consumer.decode_pool import Decoder, make_decoder
+from consumer.decode.pool import Decoder, make_decoder
 from consumer.errors import EventError
-from consumer.http_fetch import close_idle_connections
-from consumer.inference import BatchRunner, Classifier
-from consumer.kafka_io import consumer_config, producer_config, to_record
-from consumer.metrics import HealthState, WorkerMetrics, gpu_memory_bytes, lag_from_statistics
-from consumer.offsets import OffsetTracker
-from consumer.stages import parse_event, prepare_event
-from consumer.work import FailedEvent, InputRecord, Outcome, PreparedEvent
+from consumer.fetch.pool import close_idle_connections
+from consumer.ops.metrics import HealthState, WorkerMetrics, gpu_memory_bytes, lag_from_statistics
+from consumer.stream.batch_runner import BatchRunner, Classifier
+from consumer.stream.batching import Item, MicroBatcher
+from consumer.stream.client_errors import BrokerReachability, Throttle, any_broker_up
+from consumer.stream.committer import CommitError, Committer, OffsetCommitter, TransactionCommitter
+from consumer.stream.kafka_io import consumer_config, producer_config, to_record
+from consumer.stream.offsets import OffsetTracker
+from consumer.stream.records import FailedEvent, InputRecord, Outcome, PreparedEvent
+from consumer.stream.stages import parse_event, prepare_event
 
-log = structlog.get_logger("consumer.pipeline")
+log = structlog.get_logger("consumer.stream.worker")
 
 CLOSE_TIMEOUT_S = 10.0
 # Client errors that retrying cannot fix: bad credentials or missing ACLs.
@@ -120,7 +120,7 @@ class Worker:
         self.tracker = OffsetTracker()
         kafka = settings.kafka
         # librdkafka reports each failed connection attempt: say each kind once in a
-        # while, and an unreachable cluster once, plainly (consumer.client_errors).
+        # while, and an unreachable cluster once, plainly (consumer.stream.client_errors).
         self._client_errors = Throttle()
         self._reach = BrokerReachability(kafka.bootstrap_servers)
         self.batcher = MicroBatcher(

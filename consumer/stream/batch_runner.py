@@ -15,10 +15,10 @@ import structlog
 import torch
 from PIL import Image
 
-from consumer.stages import ScoredFace, encode_dead_letter, encode_result
-from consumer.work import FailedEvent, Outcome, PreparedEvent
+from consumer.stream.records import FailedEvent, Outcome, PreparedEvent
+from consumer.stream.stages import ScoredFace, encode_dead_letter, encode_result
 
-log = structlog.get_logger("consumer.inference")
+log = structlog.get_logger("consumer.stream.batch_runner")
 
 Item = PreparedEvent | FailedEvent
 

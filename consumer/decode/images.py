@@ -1,119 +1,16 @@
-"""Fetch the bytes an event's image URI points at, and decode them into an RGB image."""
+"""Decode image bytes into an RGB image, and say plainly why bytes that do not decode fail."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
-import os
-import stat
-import time
 import warnings
-from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from consumer.config import FetchSettings
 from consumer.errors import EventError, plain_message
-from consumer.http_fetch import fetch_http
-from consumer.s3_fetch import fetch_s3
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF")
-
-
-def fetch_with_retries(uri: str, settings: FetchSettings) -> tuple[bytes, int]:
-    """The image bytes and the number of attempts it took; raises the last EventError."""
-    attempt = 0
-    while True:
-        attempt += 1
-        try:
-            return fetch_bytes(uri, settings), attempt
-        except EventError as exc:
-            if not exc.retriable or attempt > settings.retries:
-                exc.message = f"{exc.message} (after {attempt} attempt(s))"
-                exc.attempts = attempt
-                raise
-            time.sleep(settings.retry_backoff_s * 2 ** (attempt - 1))
-
-
-def fetch_bytes(uri: str, settings: FetchSettings) -> bytes:
-    """One attempt at reading the image, capped at settings.max_bytes."""
-    scheme = urlsplit(uri).scheme
-    if scheme == "file":
-        return _read_file(uri, settings)
-    if scheme in ("http", "https"):
-        return fetch_http(uri, settings)
-    if scheme == "s3":
-        return fetch_s3(uri, settings)
-    if scheme == "data":
-        return _read_data(uri, min(settings.max_data_uri_bytes, settings.max_bytes))
-    raise EventError("invalid_event", f"image: scheme {scheme!r} is not supported")
-
-
-def _read_file(uri: str, settings: FetchSettings) -> bytes:
-    max_bytes = settings.max_bytes
-    path = Path(unquote(urlsplit(uri).path))
-    if "\x00" in str(path):
-        raise EventError("image_fetch_refused", f"image file path {str(path)!r} has a NUL byte")
-    if settings.file_roots is not None:
-        # The real path: ".." and symlinks must not lead out of the configured roots.
-        real = Path(os.path.realpath(path))
-        if not any(real.is_relative_to(os.path.realpath(root)) for root in settings.file_roots):
-            raise EventError(
-                "image_fetch_refused",
-                f"image fetch refused: file {path} (really {real}) is outside fetch.file_roots; "
-                "add its folder to fetch.file_roots if it is meant to be readable",
-            )
-        path = real  # open what was checked, not the name that might be swapped meanwhile
-    try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer. What was opened is then
-        # checked to be a regular file, so pipes, devices and sockets are refused.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError as exc:
-        raise EventError("image_not_found", f"image file {path} does not exist") from exc
-    except PermissionError as exc:
-        raise EventError("image_not_found", f"image file {path} is not readable") from exc
-    except OSError as exc:  # ENOTDIR, ELOOP, ENAMETOOLONG, EISDIR...
-        raise EventError(
-            "image_not_found", f"image file {path} cannot be opened: {exc.strerror}"
-        ) from exc
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        if stat.S_ISDIR(mode):
-            raise EventError("image_not_found", f"image path {path} is a folder")
-        raise EventError(
-            "image_fetch_refused", f"image path {path} is not a regular file (a pipe or device)"
-        )
-    with os.fdopen(fd, "rb") as handle:
-        try:
-            data = handle.read(max_bytes + 1)
-        except OSError as exc:
-            raise EventError(
-                "image_fetch_failed", f"image file {path} could not be read: {exc}", retriable=True
-            ) from exc
-    if len(data) > max_bytes:
-        raise EventError("image_too_large", f"image file {path} is over {max_bytes} bytes")
-    return data
-
-
-def _read_data(uri: str, max_bytes: int) -> bytes:
-    """The bytes of a data:[<type>];base64,<payload> URI, decoded strictly."""
-    meta, comma, payload = uri[len("data:") :].partition(",")
-    if not comma or not meta.lower().endswith(";base64"):
-        raise EventError("image_undecodable", "image: only data:<type>;base64,<data> URIs work")
-    # Checked before decoding: 4 base64 characters carry 3 bytes.
-    if len(payload) // 4 * 3 > max_bytes:
-        raise EventError(
-            "image_too_large",
-            f"image data URI is over {max_bytes} bytes (fetch.max_data_uri_bytes, fetch.max_bytes)",
-        )
-    try:
-        return base64.b64decode(payload, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise EventError("image_undecodable", f"image data URI is not valid base64: {exc}") from exc
 
 
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:

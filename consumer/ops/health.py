@@ -11,9 +11,9 @@ import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from consumer.config import ConfigError
-from consumer.metrics import HealthState, WorkerMetrics
+from consumer.ops.metrics import HealthState, WorkerMetrics
 
-log = structlog.get_logger("consumer.health")
+log = structlog.get_logger("consumer.ops.health")
 
 
 def _bind_problem(host: str, port: int, exc: OSError) -> str:

@@ -440,10 +440,10 @@ def run_supervisor(
     overrides: Mapping[str, Any] | None = None,
 ) -> int:
     """`emotion-worker run` with processes.devices other than "single": 0 if all stopped cleanly."""
-    from consumer.logs import configure_logging, get_logger
+    from consumer.ops.logs import configure_logging, get_logger
 
     configure_logging(settings.log)
-    log = get_logger("consumer.supervisor")
+    log = get_logger("consumer.ops.supervisor")
     specs = child_specs(settings, config_file, overrides)
     log.info(
         "supervisor starting",

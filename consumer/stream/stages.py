@@ -11,10 +11,10 @@ from typing import Protocol
 from pydantic import ValidationError
 
 from consumer.config import FetchSettings, describe_validation_error
-from consumer.decode_pool import Decoder, DecoderUnavailableError
+from consumer.decode.pool import Decoder, DecoderUnavailableError
 from consumer.errors import EventError, plain_message
-from consumer.images import fetch_with_retries
-from consumer.work import FailedEvent, InputRecord, Outcome, PreparedEvent
+from consumer.fetch.references import fetch_with_retries
+from consumer.stream.records import FailedEvent, InputRecord, Outcome, PreparedEvent
 from schemas import DeadLetter, EmotionResult, FaceEmotion, FrameEvent, Header, result_id_for
 from schemas.results import ResultStatus
 

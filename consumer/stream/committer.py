@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import structlog
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
-log = structlog.get_logger("consumer.committer")
+log = structlog.get_logger("consumer.stream.committer")
 
 Offsets = dict[tuple[str, int], int]
 

@@ -1,7 +1,7 @@
 """`emotion-worker eval`: score a LLaVA checkpoint on a labelled image folder.
 
 The images go through exactly what the worker does with a pre-cropped face: the same
-decoder (consumer.images.decode_image: format allow-list, EXIF orientation, RGB), the whole
+decoder (consumer.decode.images.decode_image: format allow-list, EXIF orientation, RGB), the whole
 image as the face (faces.detector = "none"), and the same EmotionEngine with the same
 ModelSettings (prompt, answer words, preprocessing, dtype, compilation). So the accuracy
 reported here is the accuracy the worker would have on these faces, not that of a
@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from consumer.config import ConfigError, ModelSettings, WorkerSettings, load_settings
-from consumer.eval_report import (
+from consumer.eval.report import (
     ECE_BINS,
     checkpoint_identity,
     compute_metrics,
@@ -279,7 +279,7 @@ def collect_samples(
     """
     class_map = class_map or {}
     if not data.is_dir():
-        from consumer.train import missing_data_message
+        from consumer.training.cli import missing_data_message
 
         raise EvalError(missing_data_message(data, labels))
     by_label: dict[str, list[Sample]] = {}
@@ -445,8 +445,8 @@ def _classify_all(
     """Read, decode and classify every sample in batches, timing the two parts apart."""
     from tqdm import tqdm  # type: ignore[import-untyped]
 
+    from consumer.decode.images import decode_image
     from consumer.errors import EventError
-    from consumer.images import decode_image
 
     labels: tuple[str, ...] = engine.labels
     run = _Run([], [], [], [], [])
@@ -568,7 +568,7 @@ def _report(
 
 
 def _write_outputs(report: dict[str, Any], run: _Run, out: Path, labels: Sequence[str]) -> None:
-    from consumer.plots import write_confusion_matrix, write_reliability
+    from consumer.eval.plots import write_confusion_matrix, write_reliability
 
     metrics = report["metrics"]
     name = report["model"]["model_id"]
@@ -590,7 +590,7 @@ def _write_outputs(report: dict[str, Any], run: _Run, out: Path, labels: Sequenc
         out / REPORT_FILES["confusion_matrix"],
         title=f"Confusion matrix: {name} ({metrics['count']} images)",
     )
-    from consumer.eval_report import CalibrationBin
+    from consumer.eval.report import CalibrationBin
 
     bins = [CalibrationBin(**b) for b in metrics["calibration"]["per_bin"]]
     write_reliability(

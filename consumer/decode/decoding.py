@@ -1,7 +1,7 @@
 """Bytes to face crops: decode, find or check the face boxes, crop.
 
 This is the part of an event's preparation that runs hostile input through C code
-(Pillow's and OpenCV's decoders and detectors), so consumer.decode_pool runs it in
+(Pillow's and OpenCV's decoders and detectors), so consumer.decode.pool runs it in
 separate processes. The same FrameCropper runs in-process when isolation is "thread".
 
 The wire format between the worker and a decoder process is deliberately not pickle: a
@@ -20,10 +20,10 @@ from typing import IO, Any
 from PIL import Image
 
 from consumer.config import FaceSettings
-from consumer.detect import FaceDetector, make_detector
+from consumer.decode.detect import FaceDetector, make_detector
+from consumer.decode.faces import crop_faces, event_boxes, grow, whole_image
+from consumer.decode.images import decode_image
 from consumer.errors import EventError
-from consumer.faces import crop_faces, event_boxes, grow, whole_image
-from consumer.images import decode_image
 from schemas import FaceBox
 
 _PREFIX = struct.Struct(">4sII")

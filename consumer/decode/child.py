@@ -1,6 +1,6 @@
 """A decoder process: reads frames on stdin, answers crops on stdout, one at a time.
 
-Started by consumer.decode_pool as ``python -m consumer.decode_child '<settings json>'``.
+Started by consumer.decode.pool as ``python -m consumer.decode.child '<settings json>'``.
 Its address space is capped (decode.max_memory_mb), so an image that gets past the pixel
 check but still allocates without bound fails here, as a MemoryError, and not in the
 worker. A crash (a decoder bug hit by a hostile file) ends only this process.
@@ -16,7 +16,7 @@ import sys
 from typing import IO, Any
 
 from consumer.config import FaceSettings
-from consumer.decoding import (
+from consumer.decode.decoding import (
     PREFIX_SIZE,
     FrameCropper,
     boxes_from_json,

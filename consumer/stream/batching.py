@@ -12,7 +12,7 @@ import threading
 import time
 from concurrent.futures import Future
 
-from consumer.work import FailedEvent, PreparedEvent
+from consumer.stream.records import FailedEvent, PreparedEvent
 
 Item = PreparedEvent | FailedEvent
 

@@ -12,9 +12,9 @@ from typing import Any
 from confluent_kafka import KafkaError, KafkaException, Message
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from consumer.client_errors import ClientLogThrottle
 from consumer.config import ConfigError, KafkaSettings
-from consumer.work import InputRecord
+from consumer.stream.client_errors import ClientLogThrottle
+from consumer.stream.records import InputRecord
 
 # Settings the delivery guarantee depends on; a user override of these is refused.
 _CONSUMER_FIXED = {

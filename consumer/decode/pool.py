@@ -1,6 +1,6 @@
 """A bounded pool of decoder processes, so a hostile image costs one event, not the worker.
 
-Each decoder process (consumer.decode_child) handles one image at a time. A fetch thread
+Each decoder process (consumer.decode.child) handles one image at a time. A fetch thread
 checks a process out, sends the image, and waits for the crops with a deadline. If the
 process dies (a decoder crash) or overruns decode.timeout_s (a decoder stuck in a loop),
 it is killed and replaced, and only that event becomes a dead letter: the attribution is
@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import structlog
 
 from consumer.config import DecodeSettings, FaceSettings
-from consumer.decoding import (
+from consumer.decode.decoding import (
     PREFIX_SIZE,
     Cropped,
     FrameCropper,
@@ -38,7 +38,7 @@ from consumer.decoding import (
 from consumer.errors import EventError
 from schemas import FaceBox
 
-log = structlog.get_logger("consumer.decode_pool")
+log = structlog.get_logger("consumer.decode.pool")
 
 # How long a new decoder process may take to import its libraries and answer.
 _START_TIMEOUT_S = 60.0
@@ -162,7 +162,7 @@ class ProcessDecoder:
         max_pixels: int,
         max_bytes: int,
         *,
-        module: str = "consumer.decode_child",
+        module: str = "consumer.decode.child",
         on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.settings = settings

@@ -10,7 +10,7 @@ The endpoint (``fetch.s3.endpoint_url``) is trusted configuration chosen by the 
 not by whoever publishes events, so the SSRF guard for http(s) URLs does not apply here;
 an event can only choose a bucket and a key on that endpoint.
 
-Retries are the worker's (``fetch.retries`` in consumer.images.fetch_with_retries), so
+Retries are the worker's (``fetch.retries`` in consumer.fetch.references.fetch_with_retries), so
 botocore makes exactly one attempt and every failure becomes an EventError whose
 ``retriable`` flag says whether another attempt could succeed.
 """

@@ -1,0 +1,1 @@
+"""`emotion-worker eval`: accuracy and calibration reports of a checkpoint, and their plots."""

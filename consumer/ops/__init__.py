@@ -1,0 +1,1 @@
+"""Running the worker: metrics, health endpoints, logging, the multi-GPU supervisor, `check`."""
