@@ -471,7 +471,7 @@ def test_report_paths_are_relative_inside_the_working_directory(
     assert report_path(Path("models/m")) == "models/m"
     assert report_path(tmp_path / "work" / "models" / "m") == "models/m"
     # Outside it: as given on the command line, not resolved into this machine's layout.
-    assert report_path(Path("../shared/data/train")) == "../shared/data/train"
+    assert report_path(Path("../fer2013/train")) == "../fer2013/train"
     assert report_path(tmp_path / "elsewhere") == str(tmp_path / "elsewhere")
 
 
