@@ -680,11 +680,15 @@ class LogSettings(_Section):
     )
 
 
+# Every setting's environment variable starts with this (EMOTION_WORKER_KAFKA__GROUP_ID).
+ENV_PREFIX = "EMOTION_WORKER_"
+
+
 class WorkerSettings(BaseSettings):
     """Everything one worker process needs; every setting is in docs/configuration.md."""
 
     model_config = SettingsConfigDict(
-        env_prefix="EMOTION_WORKER_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,

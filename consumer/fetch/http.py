@@ -15,6 +15,7 @@ import ssl
 import time
 from urllib.parse import urljoin
 
+from consumer import USER_AGENT
 from consumer.config import FetchSettings
 from consumer.errors import EventError
 from consumer.fetch import watchdog
@@ -22,7 +23,6 @@ from consumer.fetch.pool import PinnedHTTPConnection, PinnedHTTPSConnection, kee
 from consumer.fetch.ssrf import Pinned, Target, parse_target, refused, resolve_checked
 from consumer.fetch.watchdog import Fetch
 
-USER_AGENT = "emotion-worker/0.1"
 _READ_CHUNK = 64 * 1024
 _REDIRECTS = (301, 302, 303, 307, 308)
 # Redirect and error bodies up to this size (by Content-Length) are read and dropped so

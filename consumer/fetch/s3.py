@@ -40,11 +40,11 @@ from botocore.exceptions import (
 )
 from botocore.exceptions import ConnectionError as BotoConnectionError
 
+from consumer import USER_AGENT
 from consumer.config import FetchSettings, S3Settings
 from consumer.errors import EventError
 
 _READ_CHUNK = 64 * 1024
-_USER_AGENT_EXTRA = "emotion-worker/0.1"
 # The longest server message quoted in an error (they end up in dead letters and logs).
 _MAX_SERVER_MESSAGE = 200
 
@@ -203,7 +203,7 @@ def _make_client(key: _ClientKey) -> Any:
         retries={"total_max_attempts": 1, "mode": "standard"},
         s3={"addressing_style": key.s3.addressing_style},
         signature_version="s3v4",
-        user_agent_extra=_USER_AGENT_EXTRA,
+        user_agent_extra=USER_AGENT,
     )
     s3 = key.s3
     credentials: dict[str, str] = {}

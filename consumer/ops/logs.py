@@ -13,7 +13,10 @@ from typing import Any
 
 import structlog
 
-from consumer.config import LogSettings
+from consumer.config import ENV_PREFIX, LogSettings
+
+# Not a setting: set by the multi-GPU supervisor for each worker process it starts.
+PROCESS_INDEX_ENV = f"{ENV_PREFIX}PROCESS_INDEX"
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -25,7 +28,7 @@ _LEVELS = {
 
 def _add_process_index(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
     """Under the multi-GPU supervisor, which worker process wrote the line."""
-    index = os.environ.get("EMOTION_WORKER_PROCESS_INDEX")
+    index = os.environ.get(PROCESS_INDEX_ENV)
     if index is not None:
         event.setdefault("process", int(index) if index.isdigit() else index)
     return event

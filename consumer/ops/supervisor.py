@@ -44,11 +44,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Literal
 
-from consumer.config import ConfigError, WorkerSettings
+from consumer.config import ENV_PREFIX, ConfigError, WorkerSettings
+from consumer.ops.logs import PROCESS_INDEX_ENV
 
-ENV_PREFIX = "EMOTION_WORKER_"
-# Not a setting: the child's index, for a process label in its logs.
-PROCESS_INDEX_ENV = "EMOTION_WORKER_PROCESS_INDEX"
 # How long the supervisor waits for children after asking them to stop, on top of their
 # own drain timeout (closing the clients, the final commit), before it kills them.
 STOP_MARGIN_S = 30.0

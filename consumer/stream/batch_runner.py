@@ -15,12 +15,11 @@ import structlog
 import torch
 from PIL import Image
 
-from consumer.stream.records import FailedEvent, Outcome, PreparedEvent
+from consumer.errors import EventError
+from consumer.stream.records import FailedEvent, Item, Outcome, PreparedEvent
 from consumer.stream.stages import ScoredFace, encode_dead_letter, encode_result
 
 log = structlog.get_logger("consumer.stream.batch_runner")
-
-Item = PreparedEvent | FailedEvent
 
 
 class Classifier(Protocol):
@@ -61,14 +60,8 @@ class BatchRunner:
             if isinstance(item, FailedEvent):
                 outcomes.append(encode_dead_letter(item, self.dead_letter_topic))
             elif isinstance(result, BaseException):
-                failed = FailedEvent(
-                    item.record,
-                    "model_error",
-                    f"{type(result).__name__}: {result}",
-                    item.fetch_attempts,
-                    item.event.event_id,
-                    item.event.stream_id,
-                )
+                error = EventError("model_error", f"{type(result).__name__}: {result}")
+                failed = FailedEvent.from_error(item.record, error, item.event, item.fetch_attempts)
                 outcomes.append(encode_dead_letter(failed, self.dead_letter_topic))
             else:
                 outcomes.append(

@@ -12,9 +12,7 @@ import threading
 import time
 from concurrent.futures import Future
 
-from consumer.stream.records import FailedEvent, PreparedEvent
-
-Item = PreparedEvent | FailedEvent
+from consumer.stream.records import Item, PreparedEvent
 
 
 def face_count(item: Item) -> int:

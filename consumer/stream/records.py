@@ -7,6 +7,7 @@ from datetime import datetime
 
 from PIL import Image
 
+from consumer.errors import EventError
 from schemas import ErrorKind, FaceBox, FrameEvent, SourceCoordinates
 
 
@@ -53,6 +54,29 @@ class FailedEvent:
     attempts: int = 1
     event_id: str | None = None
     stream_id: str | None = None
+
+    @classmethod
+    def from_error(
+        cls,
+        record: InputRecord,
+        error: EventError,
+        event: FrameEvent | None = None,
+        attempts: int = 1,
+    ) -> FailedEvent:
+        """The dead letter-to-be of an event that failed with `error` (the one way to make
+        one). `event` is None when the record did not parse; `attempts`: fetch attempts."""
+        return cls(
+            record,
+            error.kind,
+            error.message,
+            max(attempts, error.attempts),
+            event.event_id if event is not None else None,
+            event.stream_id if event is not None else None,
+        )
+
+
+# What the fetch stage hands on and the micro-batcher groups: ready for the model or failed.
+Item = PreparedEvent | FailedEvent
 
 
 @dataclass(slots=True)

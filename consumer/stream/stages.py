@@ -71,25 +71,12 @@ def prepare_event(
         cropped = decoder.decode(data, event.faces)
         return PreparedEvent(record, event, cropped.boxes, cropped.crops, attempts)
     except EventError as exc:
-        return FailedEvent(
-            record,
-            exc.kind,
-            exc.message,
-            max(attempts, exc.attempts),
-            event.event_id,
-            event.stream_id,
-        )
+        return FailedEvent.from_error(record, exc, event, attempts)
     except DecoderUnavailableError:
         raise
     except Exception as exc:  # a bug or a hostile file must not take the worker down
-        return FailedEvent(
-            record,
-            "image_undecodable",
-            f"{type(exc).__name__}: {exc}",
-            attempts,
-            event.event_id,
-            event.stream_id,
-        )
+        error = EventError("image_undecodable", f"{type(exc).__name__}: {exc}")
+        return FailedEvent.from_error(record, error, event, attempts)
 
 
 def encode_result(

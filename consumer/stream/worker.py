@@ -36,12 +36,12 @@ from consumer.errors import EventError
 from consumer.fetch.pool import close_idle_connections
 from consumer.ops.metrics import HealthState, WorkerMetrics, gpu_memory_bytes, lag_from_statistics
 from consumer.stream.batch_runner import BatchRunner, Classifier
-from consumer.stream.batching import Item, MicroBatcher
+from consumer.stream.batching import MicroBatcher
 from consumer.stream.client_errors import BrokerReachability, Throttle, any_broker_up
 from consumer.stream.committer import CommitError, Committer, OffsetCommitter, TransactionCommitter
 from consumer.stream.kafka_io import consumer_config, producer_config, to_record
 from consumer.stream.offsets import OffsetTracker
-from consumer.stream.records import FailedEvent, InputRecord, Outcome, PreparedEvent
+from consumer.stream.records import FailedEvent, InputRecord, Item, Outcome, PreparedEvent
 from consumer.stream.stages import parse_event, prepare_event
 
 log = structlog.get_logger("consumer.stream.worker")
@@ -248,7 +248,7 @@ class Worker:
         except EventError as exc:
             # Through the batcher like everything else: outcomes leave in input order,
             # which the exactly_once commit relies on.
-            self.batcher.put(_resolved(FailedEvent(record, exc.kind, exc.message)))
+            self.batcher.put(_resolved(FailedEvent.from_error(record, exc)))
             return
         self.batcher.put(self._pool.submit(self._prepare, record, event))
 

@@ -84,9 +84,11 @@ class _Handler(BaseHTTPRequestHandler):
     """/face.png: an image; /to?<url>: 302 there; /chain/<n>: n redirects, then the image."""
 
     hosts: ClassVar[list[str]] = []  # Host headers seen; each server's subclass has its own
+    user_agents: ClassVar[list[str]] = []  # User-Agent headers seen by every server
 
     def do_GET(self) -> None:
         self.hosts.append(self.headers.get("Host", ""))
+        _Handler.user_agents.append(self.headers.get("User-Agent", ""))
         if self.path.startswith("/to?"):
             self._redirect(self.path[len("/to?") :])
         elif self.path.startswith("/chain/"):
@@ -597,3 +599,13 @@ def test_a_slow_dns_lookup_is_cut_off_at_the_deadline(monkeypatch: pytest.Monkey
     assert info.value.kind == "image_fetch_failed" and info.value.retriable
     assert "DNS lookup" in info.value.message
     assert elapsed < 1.5
+
+
+def test_requests_name_the_worker_and_its_version(server: tuple[str, int, list[str]]) -> None:
+    """Image servers see which worker release fetched (logs, rate limits, abuse contacts)."""
+    import consumer
+
+    base, _, _ = server
+    fetch_bytes(f"{base}/face.png", FetchSettings(allow_hosts=("127.0.0.1",)))
+    assert _Handler.user_agents[-1] == f"emotion-worker/{consumer.__version__}"
+    assert consumer.__version__ != "0+unknown"  # taken from the installed package
