@@ -12,7 +12,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-TopicPartition = tuple[str, int]
+PartitionId = tuple[str, int]
 
 
 @dataclass
@@ -29,26 +29,26 @@ class OffsetTracker:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._partitions: dict[TopicPartition, _PartitionState] = {}
+        self._partitions: dict[PartitionId, _PartitionState] = {}
         self._bytes = 0
         self._done_since_commit = 0
 
-    def assign(self, tp: TopicPartition) -> None:
+    def assign(self, tp: PartitionId) -> None:
         with self._lock:
             self._partitions.setdefault(tp, _PartitionState())
 
-    def revoke(self, tp: TopicPartition) -> None:
+    def revoke(self, tp: PartitionId) -> None:
         """Forget a partition: later marks for it are ignored, so it is never committed."""
         with self._lock:
             state = self._partitions.pop(tp, None)
             if state is not None:
                 self._bytes -= sum(state.sizes.values())
 
-    def owns(self, tp: TopicPartition) -> bool:
+    def owns(self, tp: PartitionId) -> bool:
         with self._lock:
             return tp in self._partitions
 
-    def track(self, tp: TopicPartition, offset: int, size: int = 0) -> None:
+    def track(self, tp: PartitionId, offset: int, size: int = 0) -> None:
         """Record an offset as in flight; offsets of a partition must come in increasing order."""
         with self._lock:
             state = self._partitions.setdefault(tp, _PartitionState())
@@ -58,7 +58,7 @@ class OffsetTracker:
             state.sizes[offset] = size
             self._bytes += size
 
-    def add_size(self, tp: TopicPartition, offset: int, size: int) -> None:
+    def add_size(self, tp: PartitionId, offset: int, size: int) -> None:
         """Account for more memory held by an in-flight event (its decoded faces)."""
         with self._lock:
             state = self._partitions.get(tp)
@@ -66,7 +66,7 @@ class OffsetTracker:
                 state.sizes[offset] += size
                 self._bytes += size
 
-    def mark_done(self, tp: TopicPartition, offset: int) -> None:
+    def mark_done(self, tp: PartitionId, offset: int) -> None:
         """The event's result or dead letter was acknowledged by the broker."""
         with self._lock:
             state = self._partitions.get(tp)
@@ -80,7 +80,7 @@ class OffsetTracker:
                 state.done.discard(finished)
                 state.next_commit = finished + 1
 
-    def in_flight(self, partitions: Iterable[TopicPartition] | None = None) -> int:
+    def in_flight(self, partitions: Iterable[PartitionId] | None = None) -> int:
         """Events read but not yet done, over all partitions or the given ones."""
         with self._lock:
             if partitions is None:
@@ -99,8 +99,8 @@ class OffsetTracker:
 
     def committable(
         self,
-        partitions: Iterable[TopicPartition] | None = None,
-    ) -> dict[TopicPartition, int]:
+        partitions: Iterable[PartitionId] | None = None,
+    ) -> dict[PartitionId, int]:
         """Offsets to commit now (next offset to read), only where they moved since last time."""
         with self._lock:
             wanted = self._partitions.keys() if partitions is None else set(partitions)
@@ -110,7 +110,7 @@ class OffsetTracker:
                 if tp in wanted and s.next_commit is not None and s.next_commit != s.committed
             }
 
-    def mark_committed(self, offsets: dict[TopicPartition, int]) -> None:
+    def mark_committed(self, offsets: dict[PartitionId, int]) -> None:
         with self._lock:
             self._done_since_commit = 0
             for tp, offset in offsets.items():
@@ -118,7 +118,7 @@ class OffsetTracker:
                 if state is not None:
                     state.committed = offset
 
-    def mark_commit_failed(self, offsets: dict[TopicPartition, int]) -> None:
+    def mark_commit_failed(self, offsets: dict[PartitionId, int]) -> None:
         """A commit was refused: those offsets become committable again."""
         with self._lock:
             for tp, offset in offsets.items():
@@ -126,7 +126,7 @@ class OffsetTracker:
                 if state is not None and state.committed == offset:
                     state.committed = None
 
-    def committed(self) -> dict[TopicPartition, int | None]:
+    def committed(self) -> dict[PartitionId, int | None]:
         """The last offset committed per owned partition (None: nothing yet)."""
         with self._lock:
             return {tp: s.committed for tp, s in self._partitions.items()}

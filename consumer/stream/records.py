@@ -51,7 +51,7 @@ class FailedEvent:
     record: InputRecord
     kind: ErrorKind
     message: str
-    attempts: int = 1
+    fetch_attempts: int = 1
     event_id: str | None = None
     stream_id: str | None = None
 
@@ -61,15 +61,15 @@ class FailedEvent:
         record: InputRecord,
         error: EventError,
         event: FrameEvent | None = None,
-        attempts: int = 1,
+        fetch_attempts: int = 1,
     ) -> FailedEvent:
         """The dead letter-to-be of an event that failed with `error` (the one way to make
-        one). `event` is None when the record did not parse; `attempts`: fetch attempts."""
+        one). `event` is None when the record did not parse."""
         return cls(
             record,
             error.kind,
             error.message,
-            max(attempts, error.attempts),
+            max(fetch_attempts, error.attempts),
             event.event_id if event is not None else None,
             event.stream_id if event is not None else None,
         )

@@ -128,7 +128,7 @@ def encode_dead_letter(failed: FailedEvent, dead_letter_topic: str) -> Outcome:
         headers=[Header(key=k, value=v) for k, v in record.headers],
         error_kind=failed.kind,
         error_message=message,
-        attempts=failed.attempts,
+        attempts=failed.fetch_attempts,
         failed_at=datetime.now(UTC),
         worker_id=WORKER_ID,
     )

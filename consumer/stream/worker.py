@@ -254,7 +254,7 @@ class Worker:
 
     def _prepare(self, record: InputRecord, event: Any) -> Item:
         item = prepare_event(record, event, self.settings.fetch, self._decoder)
-        attempts = item.fetch_attempts if isinstance(item, PreparedEvent) else item.attempts
+        attempts = item.fetch_attempts
         if attempts > 1:
             self.metrics.fetch_retries.inc(attempts - 1)
         if isinstance(item, PreparedEvent):

@@ -106,7 +106,7 @@ def handle(
     try:
         event = parse_event(rec, max_event_bytes)
     except EventError as exc:
-        return FailedEvent(rec, exc.kind, exc.message)
+        return FailedEvent.from_error(rec, exc)
     return prepare_event(rec, event, settings, decoder)
 
 

@@ -158,7 +158,7 @@ def test_retries_multiply_only_the_silence(serve: Serve, decoder: ProcessDecoder
     settings = SETTINGS.model_copy(update={"retries": 2, "read_timeout_s": 0.5})
     run = run_event(f"{server.url}/face.png", settings, decoder)
     failed = expect_failed(run, "image_fetch_failed", within_s=3 * 0.5 + SLACK_S)
-    assert failed.attempts == 3 and server.connections == 3
+    assert failed.fetch_attempts == 3 and server.connections == 3
 
 
 # ---- endless and lying bodies ------------------------------------------------------------

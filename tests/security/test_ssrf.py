@@ -102,7 +102,7 @@ def test_redirects_to_forbidden_targets_are_refused_before_connecting(
         run_event(uri, BY_NAME, decoder), "image_fetch_refused", within_s=QUICK_S
     )
     assert network.connects == [("127.0.0.1", port)]  # the first hop, nothing else
-    assert failed.attempts == 1  # permanent: never retried
+    assert failed.fetch_attempts == 1  # permanent: never retried
     assert redirector.requests and all(b"/to?" in head for head in redirector.requests)
 
 

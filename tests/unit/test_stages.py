@@ -164,17 +164,17 @@ def test_a_failed_event_is_made_one_way_from_its_error() -> None:
     error = EventError("image_fetch_failed", "http://x/face.png answered HTTP 503", retriable=True)
     error.attempts = 3
     unparsed = FailedEvent.from_error(record, EventError("not_json", "not JSON"))
-    assert (unparsed.kind, unparsed.message, unparsed.attempts) == ("not_json", "not JSON", 1)
+    assert (unparsed.kind, unparsed.message, unparsed.fetch_attempts) == ("not_json", "not JSON", 1)
     assert unparsed.event_id is None and unparsed.stream_id is None
     event = FrameEvent.model_validate_json(
         '{"event_id": "e1", "stream_id": "cam-1", "captured_at": "2026-11-30T12:00:00Z",'
         ' "image": "http://x/face.png"}'
     )
-    failed = FailedEvent.from_error(record, error, event, attempts=2)
-    assert (failed.kind, failed.attempts, failed.event_id, failed.stream_id) == (
+    failed = FailedEvent.from_error(record, error, event, fetch_attempts=2)
+    assert (failed.kind, failed.fetch_attempts, failed.event_id, failed.stream_id) == (
         "image_fetch_failed",
         3,
         "e1",
         "cam-1",
     )
-    assert FailedEvent.from_error(record, error, event, attempts=5).attempts == 5
+    assert FailedEvent.from_error(record, error, event, fetch_attempts=5).fetch_attempts == 5
