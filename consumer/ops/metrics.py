@@ -65,9 +65,17 @@ class WorkerMetrics:
         self.batch_faces = Histogram(
             p + "batch_faces", "Faces per model batch.", buckets=_SIZE_BUCKETS, registry=r
         )
+        self.batch_face_fill_ratio = Histogram(
+            p + "batch_face_fill_ratio",
+            "Faces per model batch divided by batch.max_batch_size (which caps faces).",
+            buckets=_RATIO_BUCKETS,
+            registry=r,
+        )
+        # Deprecated in 0.2.0, removed in 0.3.0: it divided events by a cap on faces.
         self.batch_fill_ratio = Histogram(
             p + "batch_fill_ratio",
-            "Events per batch divided by batch.max_batch_size.",
+            "DEPRECATED, use batch_face_fill_ratio: events per batch divided by "
+            "batch.max_batch_size.",
             buckets=_RATIO_BUCKETS,
             registry=r,
         )

@@ -305,9 +305,9 @@ class Worker:
                 faces = sum(len(i.crops) for i in batch if isinstance(i, PreparedEvent))
                 self.metrics.model_time.observe(time.monotonic() - started)
                 self.metrics.batch_faces.observe(faces)
-                self.metrics.batch_fill_ratio.observe(
-                    len(batch) / self.settings.batch.max_batch_size
-                )
+                cap = self.settings.batch.max_batch_size
+                self.metrics.batch_face_fill_ratio.observe(faces / cap)
+                self.metrics.batch_fill_ratio.observe(len(batch) / cap)  # deprecated
                 self.stats.add(batches=1, faces=faces)
                 with self._publish_lock:
                     for outcome in outcomes:

@@ -93,7 +93,10 @@ def test_metrics_count_what_the_worker_did(
     batches = sample(text, "emotion_worker_batch_faces_count")
     assert batches >= 1
     assert sample(text, "emotion_worker_model_seconds_count") == batches
-    assert sample(text, "emotion_worker_batch_fill_ratio_count") == batches
+    assert sample(text, "emotion_worker_batch_fill_ratio_count") == batches  # deprecated
+    # Faces over the cap on faces (batch.max_batch_size, 16 by default): 30 faces in all.
+    assert sample(text, "emotion_worker_batch_face_fill_ratio_count") == batches
+    assert sample(text, "emotion_worker_batch_face_fill_ratio_sum") == pytest.approx(30 / 16)
     assert sample(text, "emotion_worker_queue_wait_seconds_count") >= 31  # all but not_json
     assert sample(text, "emotion_worker_capture_to_publish_seconds_count") == 30
     assert sample(text, "emotion_worker_kafka_to_publish_seconds_count") == 33
