@@ -114,7 +114,7 @@ class DevicePreprocessor:
             groups[(face.height, face.width)].append(index)
         out: torch.Tensor | None = None
         for (height, width), indices in groups.items():
-            arrays = np.stack([np.asarray(_rgb(faces[i]), dtype=np.uint8) for i in indices])
+            arrays = np.stack([np.asarray(as_rgb(faces[i]), dtype=np.uint8) for i in indices])
             batch = torch.from_numpy(arrays).to(self.device, non_blocking=True)
             pixels = self._process(batch.permute(0, 3, 1, 2).float(), height, width)
             if out is None:
@@ -163,7 +163,8 @@ def _center_crop(x: torch.Tensor, crop: tuple[int, int]) -> torch.Tensor:
     return x[..., top : top + crop_h, left : left + crop_w]
 
 
-def _rgb(face: Image.Image) -> Image.Image:
+def as_rgb(face: Image.Image) -> Image.Image:
+    """The face as an RGB image (the engine's one conversion); refuses non-images."""
     if not isinstance(face, Image.Image):
         raise TypeError(f"classify() takes PIL images, got {type(face).__name__}")
     return face if face.mode == "RGB" else face.convert("RGB")

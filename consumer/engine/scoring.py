@@ -12,7 +12,7 @@ from PIL import Image
 from consumer.config import ModelSettings
 from consumer.engine.fastpath import LabelScorer
 from consumer.engine.loader import LoadedCheckpoint, ModelLoadError, load_checkpoint
-from consumer.engine.preprocess import DevicePreprocessor, ProcessorSpec
+from consumer.engine.preprocess import DevicePreprocessor, ProcessorSpec, as_rgb
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +125,7 @@ class EmotionEngine:
         if self._device_preprocess is not None:
             pixel_values = self._device_preprocess(faces)
         else:
-            rgb = [_as_rgb(face) for face in faces]
+            rgb = [as_rgb(face) for face in faces]
             pixel_values = self._image_processor(images=rgb, return_tensors="pt")["pixel_values"]
         if tuple(pixel_values.shape[1:]) != self._prompt.pixel_shape:
             # The cached prompt holds a fixed number of image tokens; another image size
@@ -164,12 +164,6 @@ def _apply_fp8(model: Any, device: torch.device) -> int:
             f"this worker runs on {device}. Set model.fp8 = false"
         )
     return quantize_language_model(model)
-
-
-def _as_rgb(face: Image.Image) -> Image.Image:
-    if not isinstance(face, Image.Image):
-        raise TypeError(f"classify() takes PIL images, got {type(face).__name__}")
-    return face if face.mode == "RGB" else face.convert("RGB")
 
 
 def _encode_prompt(checkpoint: LoadedCheckpoint, prompt_text: str) -> _Prompt:
