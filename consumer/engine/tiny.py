@@ -109,7 +109,7 @@ def _vocabulary(labels: Sequence[str], prompt: str) -> list[str]:
     return vocab
 
 
-def _build_tokenizer(labels: Sequence[str], prompt: str) -> Any:
+def build_tokenizer(labels: Sequence[str], prompt: str) -> Any:
     """A word-level tokenizer built offline; unknown words map to <unk>, <s> is prepended."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
@@ -134,7 +134,8 @@ def _build_tokenizer(labels: Sequence[str], prompt: str) -> Any:
     )
 
 
-def _build_processor(tokenizer: Any, image_size: int) -> Any:
+def build_processor(tokenizer: Any, image_size: int) -> Any:
+    """A LlavaProcessor for `image_size` px faces around `tokenizer` (tiny and scratch models)."""
     import transformers
 
     image_processor = _clip_image_processor_class()(
@@ -240,8 +241,8 @@ def _build_model(tokenizer: Any, image_size: int, seed: int) -> Any:
 
 def _write(folder: Path, params: dict[str, Any]) -> None:
     """Save model, tokenizer, image processor and processor into `folder`."""
-    tokenizer = _build_tokenizer(params["labels"], params["prompt"])
-    processor = _build_processor(tokenizer, params["image_size"])
+    tokenizer = build_tokenizer(params["labels"], params["prompt"])
+    processor = build_processor(tokenizer, params["image_size"])
     model = _build_model(tokenizer, params["image_size"], params["seed"])
     model.save_pretrained(folder, safe_serialization=True)
     # Real LLaVA checkpoints carry preprocessor_config.json next to processor_config.json.

@@ -84,10 +84,10 @@ def build_scratch_model(
         raise ValueError(
             f"--image-size {image_size} is not a multiple of the patch size {arch.patch_size}"
         )
-    from consumer.engine.tiny import _build_processor, _build_tokenizer, llava_config
+    from consumer.engine.tiny import build_processor, build_tokenizer, llava_config
 
-    tokenizer = _build_tokenizer(labels, prompt)
-    processor = _build_processor(tokenizer, image_size)
+    tokenizer = build_tokenizer(labels, prompt)
+    processor = build_processor(tokenizer, image_size)
     # tiny.py fixes the patch size and CLIP's ImageNet statistics; set ours on the same
     # processor (every one of these is saved into processor/preprocessor_config.json).
     processor.patch_size = arch.patch_size
