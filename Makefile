@@ -77,7 +77,7 @@ schemas: setup
 
 # docs/configuration.md, the reference of every setting, from the settings model.
 docs: setup
-	$(BIN)/python -m consumer.config_reference > docs/configuration.md
+	$(BIN)/python -m consumer.config.reference > docs/configuration.md
 
 # The shipped model (models/llava-fer-small): train from scratch on FER-2013 (about an hour
 # on 2 CPU cores, seed 0), then evaluate it on its own validation split through the engine.

@@ -323,6 +323,10 @@ def test_the_copied_source_builds_the_worker_wheel(dockerfile: Dockerfile, tmp_p
         scripts = archive.read(entry_points).decode()
         meta = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "emotion-worker = consumer.cli:main" in scripts
-    assert {"consumer/cli.py", "consumer/config.py", "schemas/frame_event.schema.json"} <= names
+    assert {
+        "consumer/cli.py",
+        "consumer/config/__init__.py",
+        "schemas/frame_event.schema.json",
+    } <= names
     readme = (REPO / "README.md").read_text(encoding="utf-8").splitlines()[0]
     assert readme in meta, "the package description (README.md) is missing"

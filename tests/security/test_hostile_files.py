@@ -196,7 +196,7 @@ def test_a_60000_pixel_line_decodes_under_max_pixels_and_is_refused_over_it(
     decoder: ProcessDecoder,
     narrow_decoder: ProcessDecoder,
 ) -> None:
-    """fetch.max_pixels caps width x height, whatever the aspect ratio (config.py)."""
+    """fetch.max_pixels caps width x height, whatever the aspect ratio (config/fetch.py)."""
     root, settings = roots
     uri = put(root, "line.png", encode(Image.new("L", size, 200), "PNG"))
     prepared = expect_ok(run_event(uri, settings, decoder), [size], within_s=QUICK_S)

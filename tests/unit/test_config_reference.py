@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel, SecretStr
 
-from consumer import config_reference
 from consumer.config import WorkerSettings
-from consumer.config_reference import env_var, render, sections, settings
+from consumer.config import reference as config_reference
+from consumer.config.reference import env_var, render, sections, settings
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
@@ -38,8 +38,8 @@ def _all_fields(prefix: str, model: type[BaseModel]) -> list[str]:
 
 def test_committed_reference_is_up_to_date() -> None:
     assert DOC.read_text(encoding="utf-8") == render(), (
-        "docs/configuration.md is out of date with consumer/config.py: run `make docs` "
-        "(python -m consumer.config_reference > docs/configuration.md) and commit the file"
+        "docs/configuration.md is out of date with consumer/config/: run `make docs` "
+        "(python -m consumer.config.reference > docs/configuration.md) and commit the file"
     )
 
 
@@ -69,7 +69,7 @@ def test_every_section_has_a_heading_and_a_docstring() -> None:
 def test_every_setting_has_a_description() -> None:
     """A setting added without `description=` fails here (and so is never undocumented)."""
     missing = [name for name, field in settings() if not (field.description or "").strip()]
-    assert not missing, f"settings without a description in consumer/config.py: {missing}"
+    assert not missing, f"settings without a description in consumer/config/: {missing}"
     for name, _ in settings():
         assert _row(name)[4], name
 

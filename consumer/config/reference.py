@@ -1,10 +1,10 @@
 """The configuration reference, docs/configuration.md, generated from the settings model.
 
-    python -m consumer.config_reference > docs/configuration.md    (`make docs`)
-    python -m consumer.config_reference --check    (exit 1 when the file is out of date)
+    python -m consumer.config.reference > docs/configuration.md    (`make docs`)
+    python -m consumer.config.reference --check    (exit 1 when the file is out of date)
 
 Types, constraints, defaults and environment variable names come from the pydantic field
-information of `WorkerSettings` and its sections (consumer/config.py), the text from each
+information of `WorkerSettings` and its sections (consumer/config/), the text from each
 section's docstring and each field's `description`; nothing is written per field here.
 """
 
@@ -21,10 +21,10 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel, SecretBytes, SecretStr
 from pydantic.fields import FieldInfo
 
-from consumer.config import WorkerSettings
+from consumer.config.settings import WorkerSettings
 
-DOC_PATH = Path(__file__).resolve().parent.parent / "docs" / "configuration.md"
-COMMAND = "python -m consumer.config_reference > docs/configuration.md"
+DOC_PATH = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+COMMAND = "python -m consumer.config.reference > docs/configuration.md"
 
 _ENV_PREFIX = str(WorkerSettings.model_config.get("env_prefix", ""))
 _ENV_DELIMITER = str(WorkerSettings.model_config.get("env_nested_delimiter") or "__")
@@ -46,7 +46,7 @@ def _intro() -> str:
     return f"""\
 # Configuration reference
 
-<!-- Generated from the settings model (consumer/config.py) by
+<!-- Generated from the settings model (consumer/config/) by
      `{COMMAND}` (`make docs`);
      do not edit by hand. -->
 
@@ -148,7 +148,7 @@ def render() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m consumer.config_reference", description=__doc__.splitlines()[0]
+        prog="python -m consumer.config.reference", description=__doc__.splitlines()[0]
     )
     parser.add_argument(
         "--check",
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             current = None
             reason = f"cannot be read ({exc.strerror})"
         else:
-            reason = "is out of date with the settings model (consumer/config.py)"
+            reason = "is out of date with the settings model (consumer/config/)"
         if current != text:
             print(f"docs/configuration.md {reason}; run `make docs` ({COMMAND})", file=sys.stderr)
             return 1

@@ -1,0 +1,118 @@
+"""The model step: the checkpoint, its labels and prompt, and the micro-batches it runs on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from consumer.config.base import Section
+
+FER_LABELS: tuple[str, ...] = (
+    "angry",
+    "disgusted",
+    "fearful",
+    "happy",
+    "neutral",
+    "sad",
+    "surprised",
+)
+
+# LLaVA-1.5's conversation format; `{labels}` is filled with the configured answer words.
+DEFAULT_PROMPT = (
+    "USER: <image>\nWhich emotion does this face show? Answer with one word: {labels}. ASSISTANT:"
+)
+
+
+class ModelSettings(Section):
+    """The LLaVA checkpoint, its labels and prompt, and how the model step runs."""
+
+    path: Path = Field(
+        default=Path(".cache/models/tiny-llava"),
+        description="Local checkpoint folder in the Hugging Face layout (safetensors weights).",
+    )
+    labels: tuple[str, ...] = Field(
+        default=FER_LABELS,
+        description="Label names written into results: at least two, no duplicates.",
+    )
+    answer_words: tuple[str, ...] | None = Field(
+        default=None,
+        description=(
+            "The word the model answers for each label, one per label in the same order. "
+            "None: the labels themselves."
+        ),
+    )
+    prompt: str = Field(
+        default=DEFAULT_PROMPT,
+        description=(
+            "The prompt (LLaVA-1.5's conversation format); must contain the image "
+            "placeholder `<image>`, and `{labels}` is filled with the answer words."
+        ),
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="`auto`: `cuda` when available, else `cpu`."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="`auto`: `bfloat16` on cuda, `float32` on cpu."
+    )
+    model_id: str | None = Field(
+        default=None,
+        description="Model name written into results. None: the checkpoint folder's name.",
+    )
+    preprocess: Literal["device", "processor"] = Field(
+        default="device",
+        description=(
+            "Where resize/crop/normalise run: `device` (batched torch ops on the model's "
+            "device, reproducing the checkpoint's preprocessor config) or `processor` (the "
+            "checkpoint's own Hugging Face image processor on the CPU, the reference)."
+        ),
+    )
+    compile: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description=(
+            "torch.compile of the language model over batch-size buckets: `auto` compiles "
+            "on CUDA only; `on` forces it (slow to warm up on CPU); `off` never."
+        ),
+    )
+    fp8: bool = Field(
+        default=False,
+        description=(
+            "Weight-and-activation FP8 (e4m3, rowwise scales) for the language model's "
+            "linear layers; needs a GPU of compute capability 8.9+ (Hopper, Ada)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _check_labels(self) -> ModelSettings:
+        if len(self.labels) < 2:
+            raise ValueError("model.labels needs at least two labels")
+        if len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"model.labels has duplicates: {list(self.labels)}")
+        if self.answer_words is not None and len(self.answer_words) != len(self.labels):
+            raise ValueError(
+                "model.answer_words must have one word per label "
+                f"({len(self.labels)}), got {len(self.answer_words)}"
+            )
+        if "<image>" not in self.prompt:
+            raise ValueError("model.prompt must contain the image placeholder <image>")
+        return self
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        """The answer word of each label."""
+        return self.answer_words or self.labels
+
+
+class BatchSettings(Section):
+    """Micro-batching of faces into forward passes."""
+
+    max_batch_size: int = Field(
+        default=16, ge=1, le=1024, description="Most faces in one forward pass."
+    )
+    max_wait_ms: float = Field(
+        default=20.0,
+        ge=0,
+        le=10_000,
+        description="Longest wait to fill a batch, in milliseconds.",
+    )
