@@ -15,6 +15,7 @@ from pathlib import Path
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 
 from consumer.config import WorkerSettings
+from consumer.stream.client_errors import ErrorKind, classify
 from schemas import FrameEvent
 from schemas.events import MAX_DATA_URI_CHARS
 
@@ -28,16 +29,6 @@ _MEDIA_TYPES = {
     ".bmp": "image/bmp",
     ".gif": "image/gif",
 }
-# Client errors that waiting cannot fix: credentials, ACLs, TLS (as the worker treats them).
-_AUTH_ERRORS = frozenset(
-    {
-        KafkaError._AUTHENTICATION,
-        KafkaError.SASL_AUTHENTICATION_FAILED,
-        KafkaError.TOPIC_AUTHORIZATION_FAILED,
-        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
-        KafkaError._SSL,
-    }
-)
 # librdkafka repeats a refused connection every backoff; its errors reach error_cb and the
 # final message instead of flooding the terminal.
 _QUIET_CLIENT_LOG = logging.getLogger("consumer.event_source.librdkafka")
@@ -183,7 +174,8 @@ class _Client:
 
     def _on_error(self, error: KafkaError) -> None:
         self.errors.append(error.str())
-        if error.fatal() or error.code() in _AUTH_ERRORS or "ssl/tls alert" in error.str().lower():
+        # Sorted as the worker sorts them: waiting cannot fix credentials, ACLs or TLS.
+        if classify(error) in (ErrorKind.FATAL, ErrorKind.AUTH):
             self.fatal = self.fatal or (
                 f"Kafka refused this client: {error.str()}; check the sasl.* / ssl.* entries "
                 "of kafka.common_config and kafka.producer_config (or the topic ACLs)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -45,6 +46,12 @@ class WorkerMetrics:
             p + "dead_letters",
             "Dead letters acknowledged by the broker, by error kind.",
             ["reason"],
+            registry=r,
+        )
+        self.outcomes_dropped = Counter(
+            p + "outcomes_dropped",
+            "Outcomes not published because their partition was revoked meanwhile "
+            "(the partition's new owner processes those events again).",
             registry=r,
         )
         self.fetch_retries = Counter(
@@ -128,6 +135,40 @@ class WorkerMetrics:
             p + "start_time_seconds", "Unix time the worker process started.", registry=r
         )
         self.up_since.set(time.time())
+
+    def counts(self) -> EventCounts:
+        """Events by outcome so far, read from the counters (the one count there is)."""
+        return EventCounts(
+            consumed=_total(self.events_consumed),
+            results=_total(self.results_published),
+            dead_letters=_total(self.dead_letters),
+            dropped=_total(self.outcomes_dropped),
+        )
+
+    def set_lag(self, lag: dict[tuple[str, int], int]) -> None:
+        self.consumer_lag.clear()  # partitions that left must not linger
+        for (topic, partition), value in lag.items():
+            self.consumer_lag.labels(topic=topic, partition=str(partition)).set(value)
+
+
+@dataclass(frozen=True)
+class EventCounts:
+    consumed: int
+    results: int
+    dead_letters: int
+    dropped: int  # outcomes of partitions revoked before they were published
+
+
+def _total(counter: Counter) -> int:
+    """A counter's value summed over its labels."""
+    return int(
+        sum(
+            sample.value
+            for family in counter.collect()
+            for sample in family.samples
+            if sample.name.endswith("_total")
+        )
+    )
 
 
 class HealthState:

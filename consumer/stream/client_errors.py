@@ -1,9 +1,13 @@
-"""Kafka client trouble, said once and plainly.
+"""Kafka client trouble: sorted by what it means, said once and plainly.
 
 librdkafka reports every failed connection attempt, as an error callback and as a log line
 of its own: against a bootstrap address where nothing listens that is dozens of
 "Connection refused" lines a second, and none of them says what to fix. Here:
 
+* `classify` sorts an error: fatal, authentication/authorization (retrying cannot fix
+  it), unreachable cluster, or retriable;
+* `ClientErrors` is what the worker's clients report to (error_cb, consume errors,
+  statistics): it stops the worker on fatal and auth errors and says the rest plainly;
 * `Throttle` lets one line per kind (an error code, a librdkafka log line) through per
   interval, and counts the ones it holds back for the next line of that kind;
 * `ClientLogThrottle` applies it to librdkafka's own log lines (the "librdkafka" logger);
@@ -14,6 +18,7 @@ of its own: against a bootstrap address where nothing listens that is dozens of
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import re
@@ -21,6 +26,11 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
+
+import structlog
+from confluent_kafka import KafkaError
+
+log = structlog.get_logger("consumer.stream.client_errors")
 
 # One line per kind of client error or librdkafka log line per this many seconds.
 ERROR_INTERVAL_S = 30.0
@@ -36,6 +46,44 @@ SETTINGS_HINT = (
     "check kafka.bootstrap_servers and the security settings "
     "(kafka.common_config security.protocol / sasl.* / ssl.*)"
 )
+
+# Client errors that retrying cannot fix: bad credentials or missing ACLs.
+AUTH_ERRORS = frozenset(
+    {
+        KafkaError._AUTHENTICATION,
+        KafkaError.SASL_AUTHENTICATION_FAILED,
+        KafkaError.TOPIC_AUTHORIZATION_FAILED,
+        KafkaError.GROUP_AUTHORIZATION_FAILED,
+        KafkaError.TRANSACTIONAL_ID_AUTHORIZATION_FAILED,
+        KafkaError.CLUSTER_AUTHORIZATION_FAILED,
+        KafkaError._SSL,  # TLS handshake: the broker's certificate cannot be verified
+    }
+)
+# An mTLS listener that rejects our certificate shows up as a transport error, like a
+# network outage; only the TLS alert in the text tells it apart.
+TLS_ALERT = "ssl/tls alert"
+# Client errors that mean no broker can be reached (at the moment).
+UNREACHABLE_ERRORS = frozenset(
+    {KafkaError._TRANSPORT, KafkaError._ALL_BROKERS_DOWN, KafkaError._RESOLVE}
+)
+
+
+class ErrorKind(enum.Enum):
+    FATAL = "fatal"  # the client cannot go on (e.g. a fenced idempotent producer)
+    AUTH = "auth"  # credentials, ACLs or TLS: librdkafka would retry it forever
+    UNREACHABLE = "unreachable"  # no broker answers; librdkafka keeps trying
+    RETRIABLE = "retriable"  # anything else librdkafka recovers from by itself
+
+
+def classify(error: KafkaError) -> ErrorKind:
+    if error.fatal():
+        return ErrorKind.FATAL
+    code = error.code()
+    if code in AUTH_ERRORS or (code == KafkaError._TRANSPORT and TLS_ALERT in error.str().lower()):
+        return ErrorKind.AUTH
+    if code in UNREACHABLE_ERRORS:
+        return ErrorKind.UNREACHABLE
+    return ErrorKind.RETRIABLE
 
 
 class Throttle:
@@ -206,3 +254,78 @@ class BrokerReachability:
             if not self.ever_reached:
                 return f"no Kafka broker reached yet (bootstrap servers {self.bootstrap_servers})"
             return None
+
+
+class ClientErrors:
+    """Where the worker's Kafka clients report trouble and signs of life.
+
+    Fatal and authentication errors call `fail` (librdkafka would retry wrong credentials
+    forever while the worker looks alive and does nothing); transport errors feed the
+    reachability tracker; everything is logged at most once per kind and interval.
+    Called from librdkafka callbacks, which are served on the poll thread.
+    """
+
+    def __init__(self, bootstrap_servers: str, fail: Callable[[str], None]) -> None:
+        self.bootstrap_servers = bootstrap_servers
+        self._fail = fail
+        self._throttle = Throttle()
+        self.reachability = BrokerReachability(bootstrap_servers)
+
+    def on_error(self, error: KafkaError) -> None:
+        """The clients' error_cb."""
+        kind = classify(error)
+        if kind is ErrorKind.FATAL:
+            self._fail(f"fatal Kafka client error: {error}")
+        elif kind is ErrorKind.AUTH:
+            self._fail(
+                f"Kafka authentication or authorization failed: {error.str()}; check the "
+                "sasl.* / ssl.* entries of kafka.common_config (or the topic and group ACLs)"
+            )
+        else:
+            if kind is ErrorKind.UNREACHABLE:
+                self.reachability.failed(error.str())
+            # librdkafka retries these; each attempt that fails calls back again.
+            suppressed = self._throttle.admit(error.code())
+            if suppressed is not None:
+                log.warning(
+                    "kafka client error",
+                    error=error.str(),
+                    code=error.name(),
+                    suppressed=suppressed,
+                )
+
+    def on_consume_error(self, error: KafkaError) -> None:
+        """An error that `consume` returned in place of a message."""
+        if error.fatal():
+            self._fail(f"fatal consumer error: {error}")
+        elif error.code() != KafkaError._PARTITION_EOF:
+            suppressed = self._throttle.admit(("consume", error.code()))
+            if suppressed is not None:
+                log.warning("consumer error", error=str(error), suppressed=suppressed)
+
+    def on_statistics(self, stats_json: str) -> None:
+        if any_broker_up(stats_json):
+            self.reached()
+
+    def reached(self) -> None:
+        """A broker answered (an assignment, a delivery, a member id, statistics)."""
+        outage = self.reachability.reached()
+        if outage is not None:
+            log.info(
+                "reached the Kafka brokers again",
+                bootstrap_servers=self.bootstrap_servers,
+                after_s=round(outage, 1),
+            )
+
+    def check(self, joined: Callable[[], bool]) -> str | None:
+        """From the poll loop: log the unreachable line when due; the readiness problem.
+
+        `joined` says whether the consumer has a group member id (asked only until a
+        broker was first reached).
+        """
+        if not self.reachability.ever_reached and joined():
+            self.reached()  # joined the group: the coordinator answered
+        line = self.reachability.check()
+        if line is not None:
+            log.error(line, bootstrap_servers=self.bootstrap_servers)
+        return self.reachability.problem()

@@ -1,4 +1,4 @@
-"""Kafka client errors on a fake clock: throttled lines, and an unreachable cluster said plainly."""
+"""Kafka client errors: sorted by kind; throttled lines and an unreachable cluster said plainly."""
 
 from __future__ import annotations
 
@@ -6,13 +6,17 @@ import json
 import logging
 
 import pytest
+from confluent_kafka import KafkaError
 
 from consumer.ops.metrics import HealthState
 from consumer.stream.client_errors import (
     BrokerReachability,
+    ClientErrors,
     ClientLogThrottle,
+    ErrorKind,
     Throttle,
     any_broker_up,
+    classify,
 )
 
 REFUSED = "127.0.0.1:1/bootstrap: Connect to ipv4#127.0.0.1:1 failed: Connection refused"
@@ -170,3 +174,59 @@ def test_readiness_waits_for_kafka() -> None:
     assert health.readiness() == (False, health.kafka_problem)
     health.kafka_problem = None
     assert health.readiness() == (True, "ready")
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (KafkaError(KafkaError._FENCED, "Producer fenced", fatal=True), ErrorKind.FATAL),
+        (KafkaError(KafkaError.SASL_AUTHENTICATION_FAILED, "bad password"), ErrorKind.AUTH),
+        (KafkaError(KafkaError.TOPIC_AUTHORIZATION_FAILED, "no ACL"), ErrorKind.AUTH),
+        (KafkaError(KafkaError.GROUP_AUTHORIZATION_FAILED, "no ACL"), ErrorKind.AUTH),
+        (KafkaError(KafkaError._SSL, "certificate verify failed"), ErrorKind.AUTH),
+        # An mTLS listener rejecting our certificate: a transport error with a TLS alert.
+        (
+            KafkaError(
+                KafkaError._TRANSPORT, "SSL handshake failed: SSL/TLS alert bad certificate"
+            ),
+            ErrorKind.AUTH,
+        ),
+        (KafkaError(KafkaError._TRANSPORT, REFUSED), ErrorKind.UNREACHABLE),
+        (KafkaError(KafkaError._ALL_BROKERS_DOWN, "1/1 brokers are down"), ErrorKind.UNREACHABLE),
+        (KafkaError(KafkaError._RESOLVE, "Failed to resolve 'kafka:9092'"), ErrorKind.UNREACHABLE),
+        (KafkaError(KafkaError._MSG_TIMED_OUT, "Message timed out"), ErrorKind.RETRIABLE),
+        (KafkaError(KafkaError.NOT_COORDINATOR, "not coordinator"), ErrorKind.RETRIABLE),
+    ],
+)
+def test_client_errors_are_sorted_by_what_can_fix_them(error: KafkaError, kind: ErrorKind) -> None:
+    assert classify(error) is kind
+
+
+def test_fatal_and_auth_errors_fail_the_worker_the_rest_feed_reachability() -> None:
+    failures: list[str] = []
+    client = ClientErrors("127.0.0.1:1", failures.append)
+    client.on_error(KafkaError(KafkaError._TRANSPORT, REFUSED))
+    client.on_error(KafkaError(KafkaError._MSG_TIMED_OUT, "Message timed out"))
+    assert failures == []
+    assert client.reachability.problem() is not None  # not reached yet
+    client.on_error(KafkaError(KafkaError.SASL_AUTHENTICATION_FAILED, "bad password"))
+    assert len(failures) == 1 and "sasl.* / ssl.*" in failures[0]
+    client.on_error(KafkaError(KafkaError._FENCED, "fenced", fatal=True))
+    assert failures[1].startswith("fatal Kafka client error")
+    client.on_consume_error(KafkaError(KafkaError._PARTITION_EOF, "end of partition"))
+    assert len(failures) == 2  # the end of a partition is news, not trouble
+    client.on_consume_error(KafkaError(KafkaError._FATAL, "fatal", fatal=True))
+    assert failures[2].startswith("fatal consumer error")
+
+
+def test_joining_the_group_counts_as_reaching_a_broker() -> None:
+    client = ClientErrors("127.0.0.1:1", lambda _reason: None)
+    asked: list[bool] = []
+
+    def joined() -> bool:
+        asked.append(True)
+        return len(asked) >= 2
+
+    assert client.check(joined) is not None  # no member id yet: not ready
+    assert client.check(joined) is None  # a member id: the coordinator answered
+    assert client.check(joined) is None and len(asked) == 2  # no need to ask again

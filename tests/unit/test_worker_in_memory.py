@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-import consumer.stream.worker
+import consumer.stream.client_errors
 from consumer.config import (
     BatchSettings,
     DecodeSettings,
@@ -177,7 +177,7 @@ def test_every_event_gets_one_result_and_offsets_reach_the_end() -> None:
     assert counts == Counter(event_id for event_id in sent.values())
     assert _dead(broker) == []
     assert broker.commit_log and all(c.owned for c in broker.commit_log)
-    assert running.worker.stats.results == 30
+    assert running.worker.metrics.counts().results == 30
 
 
 def test_committed_offsets_never_pass_unacknowledged_outcomes() -> None:
@@ -187,7 +187,7 @@ def test_committed_offsets_never_pass_unacknowledged_outcomes() -> None:
     _events(broker, 12, 2)
     running = Running(broker, worker_settings(commit_interval_s=0.01))
     _until(lambda: len(running.consumer.assignment()) == 2, what="assignment")
-    _until(lambda: running.worker.stats.consumed == 12, what="events read")
+    _until(lambda: running.worker.metrics.counts().consumed == 12, what="events read")
     time.sleep(0.2)  # commit ticks pass while every outcome waits for its ack
     assert broker.committed(GROUP, INPUT) == {}
     broker.hold_deliveries(False)
@@ -238,7 +238,7 @@ def test_backpressure_pauses_and_resumes_the_partitions() -> None:
     consumer = running.consumer
     _until(lambda: consumer.paused() == [(INPUT, 0), (INPUT, 1)], what="paused partitions")
     time.sleep(0.1)
-    assert running.worker.stats.consumed == 4  # nothing more read while paused
+    assert running.worker.metrics.counts().consumed == 4  # nothing more read while paused
     broker.hold_deliveries(False)
     _until(lambda: _all_committed(broker), what="all offsets committed")
     _until(lambda: consumer.paused() == [], what="resumed partitions")
@@ -288,7 +288,7 @@ def test_broker_outage_makes_the_worker_unready_until_it_recovers(
 ) -> None:
     # The worker's reachability thresholds (5 s) are constants; shrink them for the test.
     quick = functools.partial(BrokerReachability, report_after_s=0.2)
-    monkeypatch.setattr(consumer.stream.worker, "BrokerReachability", quick)
+    monkeypatch.setattr(consumer.stream.client_errors, "BrokerReachability", quick)
     broker = MemoryBroker(error_interval_s=0.05)
     _topics(broker, 2)
     _events(broker, 6, 2)
@@ -298,7 +298,7 @@ def test_broker_outage_makes_the_worker_unready_until_it_recovers(
     _events(broker, 6, 2)
     _until(lambda: not running.health.readiness()[0], what="not ready")
     assert "cannot reach the Kafka bootstrap servers" in running.health.readiness()[1]
-    assert running.worker.stats.consumed == 6
+    assert running.worker.metrics.counts().consumed == 6
     broker.set_down(False)
     _until(lambda: running.health.readiness()[0], what="ready again")
     _until(lambda: _all_committed(broker), what="all offsets committed")
