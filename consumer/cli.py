@@ -334,9 +334,9 @@ def main(argv: list[str] | None = None) -> int:
         if rest[:1] == ["--"]:  # `emotion-worker train -- --data ...`: a separator, not data
             rest = rest[1:]
         if argv[0] == "eval":
-            from consumer.eval.evaluate import main as evaluate_main
+            from consumer.eval.cli import main as eval_main
 
-            return evaluate_main(rest)
+            return eval_main(rest)
         from consumer.training.cli import main as train_main
 
         return train_main(rest)

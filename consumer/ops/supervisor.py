@@ -5,35 +5,20 @@ Python interpreter (GIL, CUDA context, torch.compile caches), and a crash of one
 corrupt the others' state. All children join the same consumer group, so Kafka spreads
 the input partitions over them exactly as it would over separate pods.
 
-Each child is `python -m consumer.cli run [--config FILE]` with the parent's environment
-plus a few variables that make it a single worker pinned to its device:
-
-* ``EMOTION_WORKER_PROCESSES__DEVICES=single``: the child is a worker, not a supervisor.
-* ``CUDA_VISIBLE_DEVICES``: the one GPU it may see (empty for "cpu": it sees none), and
-  ``EMOTION_WORKER_MODEL__DEVICE`` = "cuda" or "cpu".
-* ``EMOTION_WORKER_HEALTH__PORT``: health.port + index (0 stays 0: any free port).
-* ``EMOTION_WORKER_KAFKA__GROUP_INSTANCE_ID``: "<id>-<index>" when one is configured;
-  static members (and exactly_once transactional ids) must be unique per process.
-* ``EMOTION_WORKER_PROCESS_INDEX``: the child's index, for its logs (a process label).
-
-Command-line flags given to the supervisor reach the children as environment variables:
-flags beat the environment and the file, and in the child an environment variable beats
-the file too, so the effective settings are the same, except that the device cannot be
-overridden per child by a flag (`--device` would beat the pinning above).
-
 Signals: the first SIGTERM/SIGINT is forwarded to every child (they drain and commit),
 a second one again (they exit at once). A child that exits while no stop was asked for
 stops the others and makes the supervisor exit 1, so the pod is restarted as a whole
 rather than running on fewer GPUs than it holds.
+
+Where each child runs is consumer.ops.placement; what it is started with (command line,
+environment, pinning) is consumer.ops.child_spec.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -42,223 +27,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import Any
 
-from consumer.config import ENV_PREFIX, ConfigError, WorkerSettings
-from consumer.ops.logs import PROCESS_INDEX_ENV
+from consumer.config import ENV_PREFIX, WorkerSettings
+from consumer.ops.child_spec import ChildSpec, child_specs
 
 # How long the supervisor waits for children after asking them to stop, on top of their
 # own drain timeout (closing the clients, the final commit), before it kills them.
 STOP_MARGIN_S = 30.0
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _PR_SET_PDEATHSIG = 1
-
-
-@dataclass(frozen=True)
-class Placement:
-    """Where child `index` runs: its configured device and what pins it there."""
-
-    index: int
-    device: str  # as configured: "cpu" or "cuda:<i>"
-    model_device: Literal["cpu", "cuda"]
-    cuda_visible_devices: str  # "" hides every GPU
-
-
-@dataclass(frozen=True)
-class ChildSpec:
-    """A child process to start: its placement, command line and complete environment."""
-
-    placement: Placement
-    argv: list[str]
-    env: dict[str, str]
-
-
-# ---- devices ----------------------------------------------------------------------------
-
-
-def parse_cuda_visible_devices(value: str) -> list[str]:
-    """The entries of CUDA_VISIBLE_DEVICES that CUDA would use, in its order.
-
-    CUDA stops at the first empty or invalid entry ("-1" is the usual way to hide all);
-    entries may be indices or GPU-/MIG- UUIDs, which are passed on to children unchanged.
-    """
-    entries: list[str] = []
-    for raw in value.split(","):
-        entry = raw.strip()
-        if not entry or (entry.lstrip("-").isdigit() and int(entry) < 0):
-            break
-        entries.append(entry)
-    return entries
-
-
-def count_gpus() -> int:
-    """GPUs this machine shows, without creating a CUDA context in the supervisor.
-
-    nvidia-smi asks the driver only; torch is the fallback (slow to import, and
-    device_count() does not create a context either).
-    """
-    smi = shutil.which("nvidia-smi")
-    if smi is not None:
-        try:
-            listing = subprocess.run(
-                [smi, "-L"], capture_output=True, text=True, timeout=30, check=False
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return 0
-        if listing.returncode != 0:
-            return 0  # a driver that does not answer has no usable GPU
-        return sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
-    import torch
-
-    return int(torch.cuda.device_count())
-
-
-def visible_gpus(
-    environ: Mapping[str, str], gpu_count: Callable[[], int] = count_gpus
-) -> list[str]:
-    """The CUDA_VISIBLE_DEVICES value of each GPU a child may be pinned to."""
-    if "CUDA_VISIBLE_DEVICES" in environ:
-        return parse_cuda_visible_devices(environ["CUDA_VISIBLE_DEVICES"])
-    return [str(i) for i in range(gpu_count())]
-
-
-def resolve_devices(
-    devices: str | Sequence[str],
-    environ: Mapping[str, str] | None = None,
-    gpu_count: Callable[[], int] = count_gpus,
-) -> list[Placement]:
-    """One placement per worker process for `processes.devices` ("auto" or a list).
-
-    "cuda:<i>" means the i-th GPU this process sees, as in torch: under
-    CUDA_VISIBLE_DEVICES="2,3", "cuda:1" pins the child to physical GPU 3.
-    """
-    environ = os.environ if environ is None else environ
-    if devices == "single":
-        raise ValueError("processes.devices='single' needs no supervisor")
-    if isinstance(devices, str):
-        if devices != "auto":
-            raise ConfigError(f"processes.devices={devices!r}: use 'single', 'auto' or a list")
-        gpus = visible_gpus(environ, gpu_count)
-        if not gpus:
-            shown = environ.get("CUDA_VISIBLE_DEVICES")
-            hint = f" (CUDA_VISIBLE_DEVICES={shown!r})" if shown is not None else ""
-            raise ConfigError(
-                f"processes.devices=auto found no CUDA GPU{hint}; use 'single' or list "
-                'devices, e.g. processes.devices=["cpu", "cpu"]'
-            )
-        return [Placement(i, f"cuda:{i}", "cuda", gpu) for i, gpu in enumerate(gpus)]
-    placements = []
-    gpus_seen: list[str] | None = None
-    for index, device in enumerate(devices):
-        if device == "cpu":
-            placements.append(Placement(index, "cpu", "cpu", ""))
-            continue
-        ordinal = int(device.removeprefix("cuda:"))
-        if "CUDA_VISIBLE_DEVICES" in environ:
-            gpus_seen = gpus_seen or parse_cuda_visible_devices(environ["CUDA_VISIBLE_DEVICES"])
-            if ordinal >= len(gpus_seen):
-                raise ConfigError(
-                    f"processes.devices entry {device!r}: only {len(gpus_seen)} GPU(s) are "
-                    f"visible (CUDA_VISIBLE_DEVICES={environ['CUDA_VISIBLE_DEVICES']!r})"
-                )
-            placements.append(Placement(index, device, "cuda", gpus_seen[ordinal]))
-        else:
-            placements.append(Placement(index, device, "cuda", str(ordinal)))
-    return placements
-
-
-# ---- child command line and environment -------------------------------------------------
-
-
-def _env_value(value: Any) -> str:
-    """How pydantic-settings reads a value back from the environment."""
-    if isinstance(value, bool | list | tuple | dict):
-        return json.dumps(list(value) if isinstance(value, tuple) else value)
-    return str(value)
-
-
-def flags_as_env(overrides: Mapping[str, Any], prefix: str = ENV_PREFIX) -> dict[str, str]:
-    """The nested flag overrides as EMOTION_WORKER_SECTION__FIELD variables."""
-    env: dict[str, str] = {}
-    for key, value in overrides.items():
-        name = f"{prefix}{key.upper()}"
-        if isinstance(value, Mapping):
-            env.update(flags_as_env(value, f"{name}__"))
-        else:
-            env[name] = _env_value(value)
-    return env
-
-
-def _set(env: dict[str, str], name: str, value: str) -> None:
-    """Set `name`, dropping other spellings: settings read the environment case-blind."""
-    for existing in [k for k in env if k.upper() == name.upper()]:
-        del env[existing]
-    env[name] = value
-
-
-def child_argv(config_file: Path | None, python: str = sys.executable) -> list[str]:
-    """The child's command line: the same config file, no flags (they go by environment)."""
-    argv = [python, "-m", "consumer.cli", "run"]
-    if config_file is not None:
-        argv += ["--config", str(config_file)]
-    return argv
-
-
-def child_env(
-    settings: WorkerSettings,
-    placement: Placement,
-    overrides: Mapping[str, Any] | None = None,
-    base_env: Mapping[str, str] | None = None,
-) -> dict[str, str]:
-    """The complete environment of one child: inherited, flags, then its pinning."""
-    env = dict(os.environ if base_env is None else base_env)
-    for name, value in flags_as_env(overrides or {}).items():
-        _set(env, name, value)
-    index = placement.index
-    _set(env, f"{ENV_PREFIX}PROCESSES__DEVICES", "single")
-    _set(env, f"{ENV_PREFIX}MODEL__DEVICE", placement.model_device)
-    _set(env, "CUDA_VISIBLE_DEVICES", placement.cuda_visible_devices)
-    base_port = settings.health.port
-    port = base_port + index if base_port else 0
-    if port > 65535:
-        raise ConfigError(
-            f"health.port {base_port} + {index} (process index) is above 65535; lower health.port"
-        )
-    _set(env, f"{ENV_PREFIX}HEALTH__PORT", str(port))
-    base_id = settings.kafka.group_instance_id
-    if base_id:
-        instance_id = f"{base_id}-{index}"
-        if len(instance_id) > 249:
-            raise ConfigError(
-                "kafka.group_instance_id is too long to add the process index; shorten it"
-            )
-        _set(env, f"{ENV_PREFIX}KAFKA__GROUP_INSTANCE_ID", instance_id)
-    _set(env, PROCESS_INDEX_ENV, str(index))
-    return env
-
-
-def child_specs(
-    settings: WorkerSettings,
-    config_file: Path | None,
-    overrides: Mapping[str, Any] | None = None,
-    environ: Mapping[str, str] | None = None,
-    gpu_count: Callable[[], int] = count_gpus,
-) -> list[ChildSpec]:
-    """Every child to start for these settings."""
-    environ = os.environ if environ is None else environ
-    # The device of each child comes from processes.devices; a --device flag would beat
-    # the child's environment, so it is not passed on.
-    passed = {section: dict(values) for section, values in (overrides or {}).items()}
-    passed.get("model", {}).pop("device", None)
-    placements = resolve_devices(settings.processes.devices, environ, gpu_count)
-    argv = child_argv(config_file)
-    return [
-        ChildSpec(placement, argv, child_env(settings, placement, passed, environ))
-        for placement in placements
-    ]
-
-
-# ---- the supervisor ---------------------------------------------------------------------
 
 
 def _die_with_parent(parent: int) -> Callable[[], None] | None:

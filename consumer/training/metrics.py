@@ -2,7 +2,7 @@
 
 Macro-F1 is reported next to accuracy because FER-2013 is imbalanced: a model that never
 answers "disgusted" loses 1.5% accuracy but a seventh of its macro-F1. The per-class
-arithmetic is `emotion-worker eval`'s (consumer.eval.report); this only lays it out for the
+arithmetic is `emotion-worker eval`'s (consumer.eval.metrics); this only lays it out for the
 per-epoch log.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from consumer.eval.report import per_class_metrics
+from consumer.eval.metrics import per_class_metrics
 
 
 def classification_report(

@@ -13,27 +13,16 @@ import pytest
 from PIL import Image
 
 from consumer.config import FER_LABELS
-from consumer.eval.evaluate import (
-    EvalError,
-    build_parser,
-    collect_samples,
-    main,
-    parse_class_map,
-    read_split,
-)
+from consumer.eval.cli import build_parser, main
+from consumer.eval.dataset import EvalError, collect_samples, parse_class_map, read_split
+from consumer.eval.identity import checkpoint_identity
+from consumer.eval.metrics import EvalInputError, calibration, compute_metrics, confusion_matrix
 from consumer.eval.plots import (
     RELIABILITY_SIZE,
     confusion_matrix_size,
     draw_confusion_matrix,
     write_confusion_matrix,
     write_reliability,
-)
-from consumer.eval.report import (
-    EvalInputError,
-    calibration,
-    checkpoint_identity,
-    compute_metrics,
-    confusion_matrix,
 )
 from tests.conftest import FER_CHECKPOINT, FER_FACES
 
@@ -464,7 +453,7 @@ def test_missing_data_folder_is_one_line_naming_the_source(
 def test_report_paths_are_relative_inside_the_working_directory(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from consumer.eval.evaluate import report_path
+    from consumer.eval.report import report_path
 
     (tmp_path / "work" / "models" / "m").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "work")

@@ -19,7 +19,7 @@ from consumer.config import FER_LABELS, ModelSettings
 from consumer.engine import EmotionEngine
 from consumer.engine.loader import validate_checkpoint
 from consumer.engine.preprocess import DevicePreprocessor, ProcessorSpec
-from consumer.eval.report import checkpoint_identity
+from consumer.eval.identity import checkpoint_identity
 from tests.conftest import FER_CHECKPOINT, FER_FACES, FER_REPORT
 
 # The bar for the shipped model (validation split of the trainer's split.json).

@@ -27,15 +27,9 @@ from consumer.config import (
     WorkerSettings,
     load_settings,
 )
-from consumer.ops.supervisor import (
-    PROCESS_INDEX_ENV,
-    ChildSpec,
-    Placement,
-    child_env,
-    child_specs,
-    parse_cuda_visible_devices,
-    resolve_devices,
-)
+from consumer.ops.child_spec import ChildSpec, child_env, child_specs
+from consumer.ops.logs import PROCESS_INDEX_ENV
+from consumer.ops.placement import Placement, parse_cuda_visible_devices, resolve_devices
 
 REPO = Path(__file__).resolve().parent.parent.parent
 TWO_CPUS = ProcessSettings(devices=("cpu", "cpu"))
@@ -219,8 +213,10 @@ while time.monotonic() < end:
 DRIVER = """
 import json, sys
 from consumer.config import LogSettings
+from consumer.ops.child_spec import ChildSpec
 from consumer.ops.logs import configure_logging, get_logger
-from consumer.ops.supervisor import ChildSpec, Placement, Supervisor
+from consumer.ops.placement import Placement
+from consumer.ops.supervisor import Supervisor
 raw = json.loads(open(sys.argv[1]).read())
 specs = [ChildSpec(Placement(**s["placement"]), s["argv"], s["env"]) for s in raw["specs"]]
 configure_logging(LogSettings(format="json"))

@@ -1,0 +1,120 @@
+"""`emotion-worker eval`: score a LLaVA checkpoint on a labelled image folder.
+
+The flags and the exit codes; consumer.eval.evaluate runs what they describe. The whole
+command: consumer.eval.dataset picks the labelled images, consumer.eval.classify runs the
+worker's decoder and engine over them, consumer.eval.metrics scores the answers and
+consumer.eval.report writes the report files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from consumer.config import ConfigError
+from consumer.eval.dataset import EvalError
+from consumer.eval.evaluate import evaluate
+from consumer.eval.report import REPORT_FILES
+
+PROG = "emotion-worker eval"
+DEFAULT_BATCH_SIZE = 32
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The flags of `emotion-worker eval` (cli.py hands over everything after `eval`)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Evaluate a LLaVA checkpoint on a labelled image folder (one folder per "
+        "class) through the worker's engine; writes report.json, report.md, "
+        "confusion_matrix.png, reliability.png and predictions.jsonl.",
+    )
+    parser.add_argument(
+        "--model", type=Path, help="checkpoint folder (default: model.path of --config)"
+    )
+    parser.add_argument(
+        "--data", type=Path, required=True, help="labelled folder: DATA/<class>/<image>"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="report folder (created)")
+    parser.add_argument(
+        "--limit", type=int, help="at most N images in all (a seeded random sample)"
+    )
+    parser.add_argument(
+        "--per-class", type=int, help="at most N images per class (a seeded random sample)"
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"faces per engine call (default {DEFAULT_BATCH_SIZE})",
+    )
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--compile",
+        choices=["auto", "on", "off"],
+        help="torch.compile as in the worker (default: the config's, i.e. auto = CUDA only)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of --limit/--per-class")
+    parser.add_argument(
+        "--split-file",
+        type=Path,
+        help="evaluate exactly these paths (relative to --data): a JSON list, a JSON object "
+        "of lists (e.g. the trainer's split.json), or a text file with one path per line",
+    )
+    parser.add_argument("--split", help="which list of a JSON-object split file (default: val)")
+    parser.add_argument(
+        "--labels",
+        help="comma-separated model labels, in the model's order (default: model.labels, "
+        "i.e. the FER labels)",
+    )
+    parser.add_argument(
+        "--class-map",
+        action="append",
+        default=[],
+        metavar="FOLDER=LABEL",
+        help="take folder FOLDER as label LABEL (repeatable, or comma-separated), e.g. "
+        "disgust=disgusted for Kaggle's original folder names",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help="worker TOML config: the model settings (prompt, answer_words, labels, dtype, "
+        "preprocess...) come from it, as in `emotion-worker run`",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, no summary")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of `emotion-worker eval`; returns the exit code (2: bad inputs)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) and usage errors (2) as exit codes
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        report = evaluate(args, list(argv))
+    except ConfigError as exc:  # also the engine's ModelLoadError
+        print(f"{PROG}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except EvalError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        print(summary_line(report, args.out))
+    return 0
+
+
+def summary_line(report: dict[str, Any], out: Path) -> str:
+    """The one line printed at the end of a run."""
+    m = report["metrics"]
+    t = report["timing"]
+    return (
+        f"{m['count']} images: accuracy {100 * m['accuracy']:.2f}%, "
+        f"macro-F1 {m['macro_f1']:.4f}, ECE {m['calibration']['ece']:.4f}, "
+        f"{t['engine_images_per_s']:.1f} images/s (engine), "
+        f"{t['end_to_end_images_per_s']:.1f} images/s (end to end) -> "
+        f"{out / REPORT_FILES['markdown']}"
+    )

@@ -1,0 +1,197 @@
+"""report.md: the report of `emotion-worker eval` as Markdown tables for people.
+
+Rendering only: a pure function of the report dict (what report.json holds), so the
+document can be checked without a model and re-rendered from a saved report.json.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str = "") -> list[str]:
+    """A Markdown table; `align` has one of 'l'/'r' per column (default: first l, rest r)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    marks = [":--" if a == "l" else "--:" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(marks) + " |"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def confusion_text(labels: Sequence[str], matrix: Sequence[Sequence[int]]) -> list[str]:
+    """The confusion matrix as a Markdown table, rows true, columns predicted, with totals."""
+    header = ["true \\ predicted", *labels, "total"]
+    rows: list[list[Any]] = []
+    for label, row in zip(labels, matrix, strict=True):
+        rows.append([f"**{label}**", *row, sum(row)])
+    rows.append(["**total**", *(sum(col) for col in zip(*matrix, strict=True)), _total(matrix)])
+    return _table(header, rows)
+
+
+def _total(matrix: Sequence[Sequence[int]]) -> int:
+    return sum(sum(row) for row in matrix)
+
+
+def render_markdown(report: Mapping[str, Any]) -> str:
+    """report.md: the same report as report.json, as tables for people."""
+    model = report["model"]
+    data = report["data"]
+    m = report["metrics"]
+    timing = report["timing"]
+    labels: list[str] = m["labels"]
+    calib = m["calibration"]
+    lines = [f"# Evaluation of `{model['model_id']}`", ""]
+    lines += [
+        f"{data['images']} images from `{data['folder']}`"
+        + (
+            f" (split `{data['split']}` of `{data['split_file']}`)"
+            if data.get("split_file")
+            else ""
+        )
+        + f", evaluated {report['created_at']}.",
+        "",
+        "## Model",
+        "",
+        *_table(
+            ["", ""],
+            [
+                ["path", f"`{model['path']}`"],
+                ["model_id", f"`{model['model_id']}`"],
+                ["identity (sha256)", f"`{model['identity']['sha256']}`"],
+                [
+                    "files",
+                    f"{len(model['identity']['files'])} "
+                    f"({model['identity']['bytes'] / 1e6:.1f} MB; model files only: "
+                    "no dot-files, model card or training records)",
+                ],
+                ["device / dtype", f"{model['device']} / {model['dtype']}"],
+                ["compiled", model["compiled"]],
+                ["preprocess", model["settings"]["preprocess"]],
+                ["batch size", model["batch_size"]],
+            ],
+            "ll",
+        ),
+        "",
+        "## Summary",
+        "",
+        *_table(
+            ["metric", "value"],
+            [
+                ["accuracy", _pct(m["accuracy"])],
+                ["macro-F1", _num(m["macro_f1"])],
+                [
+                    "macro precision / recall",
+                    f"{_num(m['macro_precision'])} / {_num(m['macro_recall'])}",
+                ],
+                ["top-2 accuracy", _pct(m["top2_accuracy"])],
+                [f"ECE ({calib['bins']} bins)", _num(calib["ece"])],
+                ["max calibration error", _num(calib["mce"])],
+                ["NLL (mean)", _num(m["nll"])],
+                ["Brier score", _num(m["brier"])],
+                ["majority-class baseline accuracy", _pct(m["majority_baseline"])],
+                ["chance (uniform) accuracy", _pct(1 / len(labels))],
+            ],
+        ),
+        "",
+        "## Throughput",
+        "",
+        *_table(
+            ["", "value"],
+            [
+                ["engine images/s (classify only)", _num(timing["engine_images_per_s"], 1)],
+                [
+                    "end-to-end images/s (read + decode + classify)",
+                    _num(timing["end_to_end_images_per_s"], 1),
+                ],
+                ["model load", f"{timing['load_s']:.2f} s"],
+                ["warm-up", f"{timing['warm_up_s']:.2f} s"],
+                ["checkpoint hashing", f"{timing['hash_s']:.2f} s"],
+                ["evaluation loop", f"{timing['loop_s']:.2f} s"],
+            ],
+        ),
+        "",
+        "## Per class",
+        "",
+        *_table(
+            ["label", "precision", "recall", "F1", "support", "predicted"],
+            [
+                [
+                    label,
+                    _num(row["precision"]),
+                    _num(row["recall"]),
+                    _num(row["f1"]),
+                    row["support"],
+                    row["predicted"],
+                ]
+                for label, row in m["per_class"].items()
+            ],
+        ),
+        "",
+        "## Confusion matrix",
+        "",
+        "Rows are the true label, columns the prediction.",
+        "",
+        *confusion_text(labels, m["confusion_matrix"]["counts"]),
+        "",
+        f"![confusion matrix]({report['files']['confusion_matrix']})",
+        "",
+        "## Calibration",
+        "",
+        f"Expected calibration error {_num(calib['ece'])} over {calib['bins']} equal-width bins "
+        "of the confidence (the probability of the predicted label).",
+        "",
+        *_table(
+            ["confidence", "count", "accuracy", "mean confidence", "gap"],
+            [
+                [
+                    f"({b['lower']:.3f}, {b['upper']:.3f}]",
+                    b["count"],
+                    _num(b["accuracy"]),
+                    _num(b["confidence"]),
+                    _num(None if b["accuracy"] is None else abs(b["accuracy"] - b["confidence"])),
+                ]
+                for b in calib["per_bin"]
+                if b["count"]
+            ],
+        ),
+        "",
+        f"![reliability diagram]({report['files']['reliability']})",
+        "",
+    ]
+    skipped = data.get("skipped") or []
+    if data.get("skipped_count"):
+        lines += [
+            "## Skipped images",
+            "",
+            f"{data['skipped_count']} image(s) could not be decoded and are not counted:",
+            "",
+            *[f"- `{item['path']}`: {item['error']}" for item in skipped],
+            "",
+        ]
+    versions = report["versions"]
+    lines += [
+        "## Reproduce",
+        "",
+        "```",
+        "emotion-worker eval " + " ".join(_quote(arg) for arg in report["command"]),
+        "```",
+        "",
+        "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
