@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 
 @dataclass(frozen=True)
@@ -92,12 +92,31 @@ def read(
     return records
 
 
+_COORDINATOR_NOT_READY = frozenset(
+    {KafkaError.NOT_COORDINATOR, KafkaError.COORDINATOR_LOAD_IN_PROGRESS}
+)
+
+
 def committed(bootstrap: str, group: str, topic: str, partitions: int) -> dict[int, int]:
     """The group's committed offset per partition (-1001 means none)."""
     client = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    wanted = [TopicPartition(topic, p) for p in range(partitions)]
+    deadline = time.monotonic() + 30
     try:
-        tps = client.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
-        return {tp.partition: tp.offset for tp in tps}
+        while True:
+            try:
+                tps = client.committed(wanted, timeout=10)
+                return {tp.partition: tp.offset for tp in tps}
+            except KafkaException as exc:
+                # A broker that has just started answers NOT_COORDINATOR (or "load in
+                # progress") while it loads __consumer_offsets: ask again, as clients do.
+                error = exc.args[0] if exc.args else None
+                not_ready = isinstance(error, KafkaError) and (
+                    error.retriable() or error.code() in _COORDINATOR_NOT_READY
+                )
+                if not not_ready or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.5)
     finally:
         client.close()
 
