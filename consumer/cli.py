@@ -86,7 +86,7 @@ class _VersionAction(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, help="print the versions and exit")
 
     def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kwargs: Any) -> None:
-        from consumer.ops.preflight import version_text
+        from consumer.preflight import version_text
 
         print(version_text())
         parser.exit(0)
@@ -263,7 +263,7 @@ class StopSignals:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from consumer.ops.preflight import run_preflight
+    from consumer.preflight import run_preflight
 
     if not args.timeout > 0:
         raise ConfigError(f"--timeout must be a positive number of seconds, got {args.timeout}")

@@ -13,7 +13,7 @@ import pytest
 
 from consumer.cli import main
 from consumer.config import load_settings
-from consumer.ops.preflight import (
+from consumer.preflight import (
     CheckResult,
     check_health_port,
     check_model,

@@ -7,11 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from consumer.config import ConfigError, WorkerSettings, load_settings
-from consumer.ops.preflight.kafka_access import check_group, check_producer
-from consumer.ops.preflight.kafka_probe import KafkaProbe, check_brokers
-from consumer.ops.preflight.kafka_topics import check_topics
-from consumer.ops.preflight.local_checks import check_config, check_health_port, check_model
-from consumer.ops.preflight.results import CheckResult, exit_code, format_result, secret_values
+from consumer.preflight.kafka_access import check_group, check_producer
+from consumer.preflight.kafka_probe import KafkaProbe, check_brokers
+from consumer.preflight.kafka_topics import check_topics
+from consumer.preflight.local_checks import check_config, check_health_port, check_model
+from consumer.preflight.results import CheckResult, exit_code, format_result, secret_values
 
 
 def run_preflight(

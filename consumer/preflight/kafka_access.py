@@ -8,9 +8,9 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AclOperation  # type: ignore[attr-defined]
 
-from consumer.ops.preflight.kafka_probe import BOOTSTRAP, KafkaProbe, diagnose
-from consumer.ops.preflight.kafka_topics import is_error, topic_roles
-from consumer.ops.preflight.results import CheckResult
+from consumer.preflight.kafka_probe import BOOTSTRAP, KafkaProbe, diagnose
+from consumer.preflight.kafka_topics import is_error, topic_roles
+from consumer.preflight.results import CheckResult
 from consumer.stream.kafka_io import consumer_config, producer_config, transactional_id
 
 # Broker answers worth retrying within the timeout (the group coordinator moving, loading).

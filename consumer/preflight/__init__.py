@@ -14,15 +14,15 @@ Modules, in the direction imports go: `runner` runs the checks of `local_checks`
 build on `results`. `versions` is the `--version` text.
 """
 
-from consumer.ops.preflight.local_checks import (
+from consumer.preflight.local_checks import (
     check_config,
     check_health_port,
     check_model,
     model_setting,
 )
-from consumer.ops.preflight.results import CheckResult, exit_code, format_result, secret_values
-from consumer.ops.preflight.runner import run_checks, run_preflight
-from consumer.ops.preflight.versions import version_text
+from consumer.preflight.results import CheckResult, exit_code, format_result, secret_values
+from consumer.preflight.runner import run_checks, run_preflight
+from consumer.preflight.versions import version_text
 
 __all__ = [
     "CheckResult",

@@ -6,8 +6,8 @@ from confluent_kafka import KafkaError, KafkaException, TopicCollection
 from confluent_kafka.admin import ConfigResource, ResourceType  # type: ignore[attr-defined]
 
 from consumer.config import KafkaSettings
-from consumer.ops.preflight.kafka_probe import KafkaProbe, diagnose
-from consumer.ops.preflight.results import CheckResult
+from consumer.preflight.kafka_probe import KafkaProbe, diagnose
+from consumer.preflight.results import CheckResult
 
 
 def topic_roles(kafka: KafkaSettings) -> list[tuple[str, str, str]]:

@@ -12,7 +12,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
 from consumer.config import KafkaSettings
-from consumer.ops.preflight.results import CheckResult
+from consumer.preflight.results import CheckResult
 from consumer.stream.kafka_io import admin_config
 
 # Settings named in a FAIL/WARN line when the brokers cannot be reached or refuse us.
@@ -38,7 +38,7 @@ class KafkaProbe:
 
     def __post_init__(self) -> None:
         # librdkafka's own log lines are diagnostics here, not output: keep them off stderr.
-        self.logger = logging.getLogger("consumer.ops.preflight.librdkafka")
+        self.logger = logging.getLogger("consumer.preflight.librdkafka")
         self.logger.propagate = False
         if not self.logger.handlers:
             self.logger.addHandler(logging.NullHandler())

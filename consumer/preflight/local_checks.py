@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from consumer.config import ConfigError, WorkerSettings
-from consumer.ops.preflight.kafka_probe import client_setting
-from consumer.ops.preflight.results import CheckResult
+from consumer.preflight.kafka_probe import client_setting
+from consumer.preflight.results import CheckResult
 from consumer.stream.kafka_io import consumer_config, producer_config
 
 # --- 1. config -------------------------------------------------------------------------
