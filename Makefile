@@ -83,7 +83,7 @@ docs: setup
 # on 2 CPU cores, seed 0), then evaluate it on its own validation split through the engine.
 # FER-2013 is not in the repository: `make model FER=<train folder>`, or FER2013_TRAIN in the
 # environment. Without an existing folder, model and model-eval stop before doing anything,
-# with the message of `emotion-worker train` (consumer/training/cli.py, missing_data_message).
+# with the message of `emotion-worker train` (consumer/eval/dataset.py, missing_data_message).
 FER ?= $(FER2013_TRAIN)
 MODEL_OUT ?= models/llava-fer-small
 FER_HELP := it must hold one folder of images per class (angry/, disgusted/, fearful/, \

@@ -13,6 +13,9 @@ Compared with calling `LlavaForConditionalGeneration.forward`:
 When two labels share a first token, each label's whole token sequence is scored instead
 (its summed log-probability after the prompt), with one batched pass over the label
 continuations.
+
+That scoring from prompt embeddings (`LabelHead`) is also how training measures a model
+(consumer.training.validation), so a trained model is validated as the worker will score it.
 """
 
 from __future__ import annotations
@@ -63,6 +66,90 @@ def truncate_vision_tower(model: Any) -> int:
     return keep
 
 
+class LabelHead:
+    """Label scores from prompt embeddings: the one implementation serving and training share.
+
+    Given the prompt's embeddings (image features already spliced in), each label's score is
+    the logit of its first answer token at the last prompt position when the labels' first
+    tokens are distinct (one pass, only those rows of `lm_head`), else the summed
+    log-probability of its whole token sequence (one batched pass over the continuations).
+
+    Nothing here switches gradients off: serving calls it under `torch.inference_mode()`
+    (EmotionEngine), training's validation under `torch.no_grad()`, and a caller outside
+    both gets gradients through the model's weights (a head built without `snapshot`).
+    """
+
+    def __init__(
+        self, model: Any, sequences: Sequence[Sequence[int]], *, snapshot: bool = False
+    ) -> None:
+        """Take the rows of `model.lm_head` for the labels' first tokens, now.
+
+        With `snapshot` they are a detached copy: the engine's weights never change, and a
+        plain tensor read in every batch is what torch.compile traces best. Without, they
+        stay linked to lm_head by autograd, so gradients reach it; training builds a head
+        per step or validation pass, as its weights change.
+        """
+        self.sequences = tuple(tuple(seq) for seq in sequences)
+        self.first_token_only = len({seq[0] for seq in self.sequences}) == len(self.sequences)
+        head = model.lm_head
+        first = torch.tensor([seq[0] for seq in self.sequences], device=head.weight.device)
+        rows = head.weight.index_select(0, first)
+        bias = getattr(head, "bias", None)
+        self.label_rows: torch.Tensor = rows.detach().clone() if snapshot else rows
+        self.label_bias: torch.Tensor | None = (
+            None if bias is None else (bias[first].clone() if snapshot else bias[first])
+        )
+
+    def scores(self, model: Any, embeds: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings (B, T, D) -> label log-scores (B, L) in float32."""
+        if not self.first_token_only:
+            return self.sequence_scores(model, embeds)
+        output = model.model.language_model(inputs_embeds=embeds, use_cache=False)
+        return self.first_token_scores(output.last_hidden_state[:, -1])
+
+    def first_token_scores(self, last: torch.Tensor) -> torch.Tensor:
+        """Hidden states (B, D) of the position after the prompt -> first-token logits (B, L)."""
+        logits: torch.Tensor = last @ self.label_rows.T
+        if self.label_bias is not None:
+            logits = logits + self.label_bias
+        return logits.float()
+
+    def sequence_scores(self, model: Any, embeds: torch.Tensor) -> torch.Tensor:
+        """Summed log-probability of each label's tokens after the prompt: (B, L)."""
+        batch, labels = embeds.shape[0], len(self.sequences)
+        longest = max(len(seq) for seq in self.sequences)
+        device = embeds.device
+        tokens = torch.zeros((labels, longest), dtype=torch.long, device=device)
+        valid = torch.zeros((labels, longest), dtype=torch.bool, device=device)
+        for row, seq in enumerate(self.sequences):
+            tokens[row, : len(seq)] = torch.tensor(seq, device=device)
+            valid[row, : len(seq)] = True
+        # Inputs: prompt + label tokens except the last; padding at the end cannot affect
+        # earlier positions under causal attention, and padded positions are masked out.
+        continuation = model.get_input_embeddings()(tokens[:, :-1]).to(embeds.dtype)
+        prompt_len = embeds.shape[1]
+        full = torch.cat(
+            [
+                embeds.repeat_interleave(labels, dim=0),
+                continuation.repeat(batch, 1, 1),
+            ],
+            dim=1,
+        )
+        hidden = model.model.language_model(inputs_embeds=full, use_cache=False).last_hidden_state
+        predicting: torch.Tensor = hidden[:, prompt_len - 1 :]  # positions of label tokens
+        # The whole vocabulary: a label's later tokens compete with every other token.
+        head = model.lm_head
+        bias = getattr(head, "bias", None)
+        logits: torch.Tensor = predicting @ head.weight.T
+        if bias is not None:
+            logits = logits + bias
+        logprobs = logits.float().log_softmax(dim=-1)
+        picked = logprobs.gather(-1, tokens.repeat(batch, 1).unsqueeze(-1)).squeeze(-1)
+        picked = picked.masked_fill(~valid.repeat(batch, 1), 0.0)
+        totals: torch.Tensor = picked.sum(dim=-1).view(batch, labels)
+        return totals
+
+
 class LabelScorer:
     """Pixel values (B, 3, H, W) -> label log-scores (B, L); softmax them for probabilities."""
 
@@ -73,7 +160,6 @@ class LabelScorer:
         label_sequences: Sequence[Sequence[int]],
     ) -> None:
         self.model = model
-        self.language_model = model.model.language_model
         self.vision_tower = model.model.vision_tower
         self.projector = model.model.multi_modal_projector
         self.strategy = model.config.vision_feature_select_strategy
@@ -89,14 +175,12 @@ class LabelScorer:
         # Kept outside inference mode so that torch.compile can trace through them.
         self.prefix = embeds[:, :start].clone()
         self.suffix = embeds[:, end:].clone()
-        self.first_token_only = len({seq[0] for seq in label_sequences}) == len(label_sequences)
-        head = model.lm_head
-        self._head_weight = head.weight
-        self._head_bias = getattr(head, "bias", None)
-        first = torch.tensor([seq[0] for seq in label_sequences], device=input_ids.device)
-        self.label_rows = head.weight.index_select(0, first).detach().clone()
-        self.label_bias = None if self._head_bias is None else self._head_bias[first].clone()
-        self.sequences = [list(seq) for seq in label_sequences]
+        self.head = LabelHead(model, label_sequences, snapshot=True)
+
+    @property
+    def first_token_only(self) -> bool:
+        """Whether one next-token distribution decides the label (no sequence scoring)."""
+        return self.head.first_token_only
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden = self.vision_tower(pixel_values).last_hidden_state
@@ -114,44 +198,4 @@ class LabelScorer:
         )
 
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        embeds = self.prompt_embeddings(pixel_values)
-        if not self.first_token_only:
-            return self._sequence_scores(embeds)
-        output = self.language_model(inputs_embeds=embeds, use_cache=False)
-        last: torch.Tensor = output.last_hidden_state[:, -1]
-        logits: torch.Tensor = last @ self.label_rows.T
-        if self.label_bias is not None:
-            logits = logits + self.label_bias
-        return logits.float()
-
-    def _sequence_scores(self, embeds: torch.Tensor) -> torch.Tensor:
-        """Summed log-probability of each label's tokens after the prompt: (B, L)."""
-        batch, labels = embeds.shape[0], len(self.sequences)
-        longest = max(len(seq) for seq in self.sequences)
-        device = embeds.device
-        tokens = torch.zeros((labels, longest), dtype=torch.long, device=device)
-        valid = torch.zeros((labels, longest), dtype=torch.bool, device=device)
-        for row, seq in enumerate(self.sequences):
-            tokens[row, : len(seq)] = torch.tensor(seq, device=device)
-            valid[row, : len(seq)] = True
-        # Inputs: prompt + label tokens except the last; padding at the end cannot affect
-        # earlier positions under causal attention, and padded positions are masked out.
-        continuation = self.model.get_input_embeddings()(tokens[:, :-1]).to(embeds.dtype)
-        prompt_len = embeds.shape[1]
-        full = torch.cat(
-            [
-                embeds.repeat_interleave(labels, dim=0),
-                continuation.repeat(batch, 1, 1),
-            ],
-            dim=1,
-        )
-        hidden = self.language_model(inputs_embeds=full, use_cache=False).last_hidden_state
-        predicting: torch.Tensor = hidden[:, prompt_len - 1 :]  # positions of label tokens
-        logits: torch.Tensor = predicting @ self._head_weight.T
-        if self._head_bias is not None:
-            logits = logits + self._head_bias
-        logprobs = logits.float().log_softmax(dim=-1)
-        picked = logprobs.gather(-1, tokens.repeat(batch, 1).unsqueeze(-1)).squeeze(-1)
-        picked = picked.masked_fill(~valid.repeat(batch, 1), 0.0)
-        totals: torch.Tensor = picked.sum(dim=-1).view(batch, labels)
-        return totals
+        return self.head.scores(self.model, self.prompt_embeddings(pixel_values))

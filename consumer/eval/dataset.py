@@ -15,6 +15,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from consumer.config import FER_LABELS
+
+# Where the training data comes from; the same text is in the Makefile (model, model-eval).
+FER2013_SOURCE = (
+    'for FER-2013 use the train folder of the Kaggle dataset "emotion-detection-fer" '
+    "(FER-2013 of the ICML 2013 representation-learning challenge); for a smoke run the "
+    "404 faces committed in data/faces are enough (--data data/faces)"
+)
+
+
+def missing_data_message(data: Path, labels: Sequence[str] = FER_LABELS) -> str:
+    """The one line printed when --data is not a folder (train and eval, and the Makefile)."""
+    folders = ", ".join(f"{label}/" for label in labels)
+    return (
+        f"--data {data} does not exist (or is not a folder): it must hold one folder of "
+        f"images per class ({folders}); {FER2013_SOURCE}"
+    )
+
 
 class EvalError(Exception):
     """A mistake in the inputs (data folder, split file, labels); exit code 2."""
@@ -140,8 +158,6 @@ def collect_samples(
     """
     class_map = class_map or {}
     if not data.is_dir():
-        from consumer.training.cli import missing_data_message
-
         raise EvalError(missing_data_message(data, labels))
     by_label: dict[str, list[Sample]] = {}
     if split_paths is None:

@@ -11,7 +11,7 @@ The shipped FER model was made with (`make model FER=<folder>`; about an hour on
     emotion-worker train --data <FER-2013 train folder> --out models/llava-fer-small \\
         --from-scratch --arch small --epochs 35 --threads 2 --seed 0
 
-FER-2013 is not part of the repository (see `missing_data_message`); the 404 faces in
+FER-2013 is not part of the repository (see eval.dataset.missing_data_message); the 404 faces in
 data/faces are enough for a smoke run.
 """
 
@@ -20,26 +20,10 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
-from collections.abc import Sequence
 from pathlib import Path
 
 from consumer.config import DEFAULT_PROMPT, FER_LABELS
-
-# Where the training data comes from; the same text is in the Makefile (model, model-eval).
-FER2013_SOURCE = (
-    'for FER-2013 use the train folder of the Kaggle dataset "emotion-detection-fer" '
-    "(FER-2013 of the ICML 2013 representation-learning challenge); for a smoke run the "
-    "404 faces committed in data/faces are enough (--data data/faces)"
-)
-
-
-def missing_data_message(data: Path, labels: Sequence[str] = FER_LABELS) -> str:
-    """The one line printed when --data is not a folder (train and eval, and the Makefile)."""
-    folders = ", ".join(f"{label}/" for label in labels)
-    return (
-        f"--data {data} does not exist (or is not a folder): it must hold one folder of "
-        f"images per class ({folders}); {FER2013_SOURCE}"
-    )
+from consumer.eval.dataset import missing_data_message
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,8 +142,9 @@ def main(argv: list[str]) -> int:
         return 2
 
     from consumer.config import ConfigError
+    from consumer.training.config import TrainConfig, describe_command
     from consumer.training.dataset import NO_AUGMENT, Augment, DatasetError
-    from consumer.training.loop import TrainConfig, describe_command, train
+    from consumer.training.loop import train
 
     augment = NO_AUGMENT if args.no_augment else Augment(erase=args.erase)
     config = TrainConfig(

@@ -290,6 +290,14 @@ class AnswerFormat:
         return tuple(answer[0] for answer in self.answers)
 
     @property
+    def sequences(self) -> tuple[tuple[int, ...], ...]:
+        """Each label's answer tokens without EOS: the engine's `label_sequences`."""
+        return tuple(
+            answer[:length]
+            for answer, length in zip(self.answers, self.answer_lengths, strict=True)
+        )
+
+    @property
     def first_tokens_unique(self) -> bool:
         """Whether one next-token distribution decides the label (the engine's fast case)."""
         return len(set(self.first_tokens)) == len(self.first_tokens)

@@ -435,7 +435,7 @@ def test_undecodable_image_is_skipped_and_listed(eval_run: dict[str, Any]) -> No
 def test_missing_data_folder_is_one_line_naming_the_source(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from consumer.training.cli import missing_data_message
+    from consumer.eval.dataset import missing_data_message
 
     missing = tmp_path / "fer2013" / "train"
     out = tmp_path / "report"

@@ -11,11 +11,8 @@ from typing import Any
 import pytest
 
 from consumer.config import DEFAULT_PROMPT, FER_LABELS
-from consumer.training.loop import (
-    TrainConfig,
-    render_model_card,
-    write_model_card_from_records,
-)
+from consumer.training.config import TrainConfig
+from consumer.training.model_card import render_model_card, write_model_card_from_records
 from tests.conftest import FER_CHECKPOINT, REPO
 
 RECORDS = ("training_args.json", "train_log.jsonl", "eval_report.json")

@@ -32,8 +32,8 @@ from consumer.training.dataset import (
     stratified_split,
     subsample,
 )
-from consumer.training.loop import answer_loss, class_weights, lr_lambda, predict, vocab_weights
 from consumer.training.lora import apply_lora, merge_lora
+from consumer.training.loss import answer_loss, class_weights, vocab_weights
 from consumer.training.model import (
     ARCHS,
     FER_MEAN,
@@ -45,7 +45,9 @@ from consumer.training.model import (
     load_init_model,
     save_checkpoint,
 )
+from consumer.training.optim import lr_lambda
 from consumer.training.probe import VisionProbe
+from consumer.training.validation import predict
 from tests.conftest import FER_FACES
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -426,7 +428,7 @@ def test_command_line_refuses_bad_arguments(
 def test_missing_training_data_is_one_line_naming_data_and_its_source(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from consumer.training.cli import missing_data_message
+    from consumer.eval.dataset import missing_data_message
 
     missing = tmp_path / "fer2013" / "train"
     out = tmp_path / "out"
@@ -449,7 +451,7 @@ def test_missing_training_data_is_one_line_naming_data_and_its_source(
 def test_make_model_targets_stop_without_training_data(tmp_path: Path, target: str) -> None:
     """`make model` / `make model-eval` take FER=... or FER2013_TRAIN and, without an
     existing folder, stop before doing anything with the trainer's message."""
-    from consumer.training.cli import missing_data_message
+    from consumer.eval.dataset import missing_data_message
 
     env = {k: v for k, v in os.environ.items() if k not in ("FER", "FER2013_TRAIN", "MAKEFLAGS")}
     missing = tmp_path / "fer2013" / "train"
