@@ -220,7 +220,8 @@ def _serve(
         dtype=str(engine.dtype).removeprefix("torch."),
         compiled=engine.compiled,
         buckets=list(engine.buckets),
-        fp8_layers=engine.fp8_layers,
+        precision=engine.precision,
+        quantized_layers=engine.quantized_layers,
         load_s=round(loaded - started, 2),
         warm_up_s=round(time.perf_counter() - loaded, 2),
     )

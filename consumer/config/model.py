@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from consumer.config.base import Section
 
@@ -75,13 +76,36 @@ class ModelSettings(Section):
             "on CUDA only; `on` forces it (slow to warm up on CPU); `off` never."
         ),
     )
-    fp8: bool = Field(
-        default=False,
+    precision: Literal["auto", "bf16", "none", "fp8", "int8"] = Field(
+        default="auto",
         description=(
-            "Weight-and-activation FP8 (e4m3, rowwise scales) for the language model's "
-            "linear layers; needs a GPU of compute capability 8.9+ (Hopper, Ada)."
+            "Quantization of the language model's linear layers only; `model.dtype` stays "
+            "the base dtype of everything else (vision tower, projector, `lm_head`, "
+            "embeddings, norms). `bf16`, or its synonym `none`: no quantization, the layers "
+            "run in `model.dtype` (bfloat16 on a GPU by default; float32 on the CPU, "
+            "whatever the name says). `fp8`: e4m3 weights and activations with rowwise "
+            "scales; needs a GPU of compute capability 8.9+ (Ada, Hopper), else start-up "
+            "fails. `int8`: W8A8 (per-channel weight and per-token activation scales, "
+            "SmoothQuant) on `torch._int_mm`; also runs on the CPU, for tests. `auto` "
+            "(default): no quantization on the CPU, as before; on a GPU, `fp8` (8.9+) or "
+            "`int8` (8.0-8.8) only if a start-up check finds it at least 1.05x faster on "
+            "this model's layers (int8 must also keep every checked layer's output at "
+            "cosine >= 0.999), else none. The choice and its numbers are logged."
         ),
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed_settings(cls, data: Any) -> Any:
+        # extra="forbid" would say only "Extra inputs are not permitted": name the new key.
+        if isinstance(data, dict) and "fp8" in data:
+            raise PydanticCustomError(
+                "removed_setting",
+                "model.fp8 was replaced by model.precision in 0.3.0: remove it (also "
+                'EMOTION_WORKER_MODEL__FP8) and set model.precision = "fp8" (was fp8 = true) '
+                'or "bf16" (was fp8 = false: no quantization)',
+            )
+        return data
 
     @model_validator(mode="after")
     def _check_labels(self) -> ModelSettings:

@@ -12,6 +12,7 @@ from PIL import Image
 from consumer.config import ModelSettings
 from consumer.engine.fastpath import LabelScorer
 from consumer.engine.loader import LoadedCheckpoint, ModelLoadError, load_checkpoint
+from consumer.engine.precision import choose_precision
 from consumer.engine.preprocess import DevicePreprocessor, ProcessorSpec, as_rgb
 
 
@@ -68,8 +69,19 @@ class EmotionEngine:
             if settings.preprocess == "device"
             else None
         )
-        self.fp8_layers = _apply_fp8(self.model, self.device) if settings.fp8 else 0
         self._scorer = LabelScorer(self.model, self._prompt.input_ids, self.label_sequences)
+        # After the scorer (its calibration forward is the scorer's own, unquantized) and
+        # before torch.compile (which must trace the quantized layers).
+        choice, self.quantized_layers = choose_precision(
+            self.model,
+            settings.precision,
+            self.device,
+            calibrate=self._calibrate,
+            rows=max_batch_size * int(self._prompt.input_ids.shape[1]),
+        )
+        # What the language model's linear layers run: "none" (model.dtype), "fp8", "int8".
+        self.precision: str = choice.precision
+        self.precision_reason: str = choice.reason
         self.compiled = settings.compile == "on" or (
             settings.compile == "auto" and self.device.type == "cuda"
         )
@@ -97,6 +109,20 @@ class EmotionEngine:
             self.classify([blank] * size)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _calibrate(self) -> None:
+        """One unquantized forward over a few synthetic faces: the activations int8 records
+        (SmoothQuant statistics, the fidelity check). Grey like warm_up's, plus seeded noise
+        so the image tokens cover a wider range than a flat image gives; the prompt's text
+        tokens are the real ones."""
+        height, width = self._prompt.pixel_shape[-2:]
+        generator = torch.Generator().manual_seed(0)
+        faces = [Image.new("RGB", (width, height), (128, 128, 128))]
+        for _ in range(3):
+            noise = torch.randint(0, 256, (height, width, 3), generator=generator)
+            faces.append(Image.fromarray(noise.to(torch.uint8).numpy(), "RGB"))
+        with torch.inference_mode():
+            self._scorer(self._pixel_values(faces))
 
     def classify(self, faces: Sequence[Image.Image]) -> list[FaceScores]:
         """One FaceScores per face, in order; batches of at most max_batch_size."""
@@ -153,17 +179,6 @@ def _buckets(max_batch_size: int) -> tuple[int, ...]:
         sizes.add(size)
         size *= 2
     return tuple(sorted(sizes))
-
-
-def _apply_fp8(model: Any, device: torch.device) -> int:
-    from consumer.engine.fp8 import fp8_supported, quantize_language_model
-
-    if not fp8_supported(device):
-        raise ModelLoadError(
-            f"model.fp8 needs a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper); "
-            f"this worker runs on {device}. Set model.fp8 = false"
-        )
-    return quantize_language_model(model)
 
 
 def _encode_prompt(checkpoint: LoadedCheckpoint, prompt_text: str) -> _Prompt:

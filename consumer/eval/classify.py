@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from consumer.config import WorkerSettings
@@ -30,6 +30,9 @@ class Predictions:
     load_s: float = 0.0
     classify_s: float = 0.0
     loop_s: float = 0.0
+    # Seconds of each engine call: the median is a latency, the sum a throughput, and a
+    # comparison of two settings needs both.
+    batch_s: list[float] = field(default_factory=list)
 
 
 def classify_samples(
@@ -39,6 +42,7 @@ def classify_samples(
     settings: WorkerSettings,
     *,
     quiet: bool,
+    desc: str = "eval",
 ) -> Predictions:
     """Read, decode and classify every sample in batches, timing the two parts apart."""
     from tqdm import tqdm  # type: ignore[import-untyped]
@@ -50,9 +54,7 @@ def classify_samples(
     run = Predictions([], [], [], [], [])
     correct = 0
     loop_start = time.perf_counter()
-    with tqdm(
-        total=len(samples), unit="img", desc="eval", disable=quiet, dynamic_ncols=True
-    ) as bar:
+    with tqdm(total=len(samples), unit="img", desc=desc, disable=quiet, dynamic_ncols=True) as bar:
         for start in range(0, len(samples), batch_size):
             batch = samples[start : start + batch_size]
             t0 = time.perf_counter()
@@ -70,6 +72,8 @@ def classify_samples(
             t2 = time.perf_counter()
             run.load_s += t1 - t0
             run.classify_s += t2 - t1
+            if faces:
+                run.batch_s.append(t2 - t1)
             for sample, result in zip(kept, results, strict=True):
                 run.relative.append(sample.relative)
                 run.truth.append(sample.label)

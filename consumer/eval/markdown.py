@@ -27,9 +27,11 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str = ""
     return lines
 
 
-def confusion_text(labels: Sequence[str], matrix: Sequence[Sequence[int]]) -> list[str]:
+def confusion_text(
+    labels: Sequence[str], matrix: Sequence[Sequence[int]], corner: str = "true \\ predicted"
+) -> list[str]:
     """The confusion matrix as a Markdown table, rows true, columns predicted, with totals."""
-    header = ["true \\ predicted", *labels, "total"]
+    header = [corner, *labels, "total"]
     rows: list[list[Any]] = []
     for label, row in zip(labels, matrix, strict=True):
         rows.append([f"**{label}**", *row, sum(row)])
@@ -112,6 +114,11 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                     "end-to-end images/s (read + decode + classify)",
                     _num(timing["end_to_end_images_per_s"], 1),
                 ],
+                *(
+                    [["median ms per batch (engine)", _num(timing["median_batch_ms"], 1)]]
+                    if "median_batch_ms" in timing  # absent from older report.json files
+                    else []
+                ),
                 ["model load", f"{timing['load_s']:.2f} s"],
                 ["warm-up", f"{timing['warm_up_s']:.2f} s"],
                 ["checkpoint hashing", f"{timing['hash_s']:.2f} s"],
@@ -195,3 +202,156 @@ def _quote(arg: str) -> str:
     import shlex
 
     return shlex.quote(arg)
+
+
+# Disagreeing faces shown in compare.md; compare.json lists more (agreement.py).
+_DISAGREEMENTS_SHOWN = 20
+
+
+def render_compare_markdown(comparison: Mapping[str, Any]) -> str:
+    """compare.md: the comparison of `eval --compare` (what compare.json holds) for people."""
+    sides = comparison["sides"]
+    a, b = sides["A"], sides["B"]
+    agreement, scores, truth = comparison["agreement"], comparison["scores"], comparison["truth"]
+    labels: list[str] = agreement["matrix"]["labels"]
+    data = comparison["data"]
+    differs = ", ".join(f"`{key}`" for key in comparison["differs"]) or "nothing"
+    faces = comparison["faces"]
+
+    def side_row(name: str, get: Any) -> list[Any]:
+        return [name, get(a), get(b)]
+
+    speed_up = _ratio_text(b["speed"]["engine_images_per_s"], a["speed"]["engine_images_per_s"])
+    lines = [
+        f"# Comparison: A `{a['spec']}` against B `{b['spec']}`",
+        "",
+        f"The same {faces} faces from `{data['folder']}` through both settings (A first, "
+        f"then B, one model in memory at a time), compared {comparison['created_at']}. "
+        f"Settings that differ: {differs}.",
+        "",
+        "## Summary",
+        "",
+        *_table(
+            ["", "A", "B"],
+            [
+                side_row("setting", lambda s: f"`{s['spec']}`" if s["spec"] else "(as configured)"),
+                side_row("checkpoint", lambda s: f"`{s['model']['path']}`"),
+                side_row("identity (sha256)", lambda s: f"`{s['model']['sha256'][:16]}`"),
+                side_row(
+                    "device / dtype", lambda s: f"{s['model']['device']} / {s['model']['dtype']}"
+                ),
+                side_row("compiled", lambda s: s["model"]["compiled"]),
+                side_row("accuracy", lambda s: _pct(s["metrics"]["accuracy"])),
+                side_row("macro-F1", lambda s: _num(s["metrics"]["macro_f1"])),
+                side_row("ECE", lambda s: _num(s["metrics"]["ece"])),
+                side_row("engine images/s", lambda s: _num(s["speed"]["engine_images_per_s"], 1)),
+                side_row("median ms per batch", lambda s: _num(s["speed"]["median_batch_ms"], 1)),
+                side_row("warm-up", lambda s: f"{s['speed']['warm_up_s']:.2f} s"),
+                side_row("model load", lambda s: f"{s['speed']['load_s']:.2f} s"),
+                [
+                    "full report",
+                    *(f"[{comparison['files'][n]}]({comparison['files'][n]})" for n in ("A", "B")),
+                ],
+            ],
+            "lll",
+        ),
+        "",
+        f"B's engine throughput is {speed_up} A's (batch size {a['model']['batch_size']}). "
+        "B runs second: caches A warmed (files, compiled kernels) can shorten B's load and "
+        "warm-up, not its per-batch time.",
+        "",
+        "## Agreement",
+        "",
+        *_table(
+            ["", "value"],
+            [
+                ["same label", f"{_pct(agreement['rate'])} ({agreement['agree']} of {faces})"],
+                [
+                    "largest score difference",
+                    f"{_num(scores['max_abs_diff'])} (`{scores['max_abs_diff_face']}`)",
+                ],
+                ["mean score difference", _num(scores["mean_abs_diff"], 6)],
+                [
+                    "largest difference per face: median / 95th percentile",
+                    f"{_num(scores['face_max_abs_diff_p50'])} / "
+                    f"{_num(scores['face_max_abs_diff_p95'])}",
+                ],
+                [
+                    "right only with A / only with B",
+                    f"{truth['only_a_correct']} / {truth['only_b_correct']} "
+                    f"(McNemar exact p = {_num(truth['mcnemar_p'])})",
+                ],
+            ],
+        ),
+        "",
+        "A score difference is |p_A(label) - p_B(label)|, over every face and label. A small "
+        "p says the accuracies really differ; a large one that the faces only one side gets "
+        "right could be chance.",
+        "",
+        "## Per label",
+        "",
+        *_table(
+            ["label", "A predicts", "B predicts", "both", "B agrees with A", "mean abs diff"],
+            [
+                [
+                    label,
+                    row["a_predicted"],
+                    row["b_predicted"],
+                    row["both"],
+                    _pct(row["agreement"]),
+                    _num(row["mean_abs_diff"], 6),
+                ]
+                for label, row in agreement["per_label"].items()
+            ],
+        ),
+        "",
+        "## A against B",
+        "",
+        "Rows are A's label, columns B's; the diagonal is where they agree.",
+        "",
+        *confusion_text(labels, agreement["matrix"]["counts"], corner="A \\ B"),
+        "",
+    ]
+    shown = comparison["disagreements"][:_DISAGREEMENTS_SHOWN]
+    if shown:
+        lines += [
+            "## Faces they disagree on",
+            "",
+            (
+                f"{len(shown)} faces, the most different first:"
+                if comparison["disagreements_count"] == len(shown)
+                else f"{comparison['disagreements_count']} in all; the {len(shown)} with the "
+                "largest score difference (compare.json lists more):"
+            ),
+            "",
+            *_table(
+                ["face", "true", "A", "B", "A confidence", "B confidence", "largest abs diff"],
+                [
+                    [
+                        f"`{row['path']}`",
+                        row["true"],
+                        row["a"],
+                        row["b"],
+                        _num(row["a_confidence"]),
+                        _num(row["b_confidence"]),
+                        _num(row["max_abs_diff"]),
+                    ]
+                    for row in shown
+                ],
+                "llllrrr",
+            ),
+            "",
+        ]
+    lines += [
+        "## Reproduce",
+        "",
+        "```",
+        "emotion-worker eval " + " ".join(_quote(arg) for arg in comparison["command"]),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _ratio_text(value: float, reference: float) -> str:
+    return f"{value / reference:.2f}x" if reference > 0 else "- of"

@@ -152,11 +152,12 @@ def write_outputs(
 def write_json(report: Mapping[str, Any], path: Path) -> Path:
     """report.json: strict JSON (no NaN), stable key order, written whole then renamed."""
     text = json.dumps(report, indent=2, allow_nan=False, default=str) + "\n"
-    _write_text(path, text)
+    write_text(path, text)
     return path
 
 
-def _write_text(path: Path, text: str) -> None:
+def write_text(path: Path, text: str) -> None:
+    """Write `text` whole, then rename: a reader never sees half a file."""
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(text, encoding="utf-8")
     partial.replace(path)
@@ -164,5 +165,5 @@ def _write_text(path: Path, text: str) -> None:
 
 def write_markdown(report: Mapping[str, Any], path: Path) -> Path:
     """Write report.md (see render_markdown)."""
-    _write_text(path, render_markdown(report))
+    write_text(path, render_markdown(report))
     return path

@@ -41,8 +41,8 @@ def model_setting(message: str) -> str:
     """The model.* setting a ModelLoadError message is about."""
     if "model.device" in message:
         return "model.device"
-    if "model.fp8" in message:
-        return "model.fp8"
+    if "model.precision" in message:
+        return "model.precision"
     if "merges with the end of model.prompt" in message:
         return "model.prompt"
     if "answer word" in message or "answer_words" in message or "labels" in message:
@@ -88,7 +88,8 @@ def check_model(settings: WorkerSettings) -> CheckResult:
     return CheckResult(
         "OK",
         "model",
-        f"{engine.model_id} on {engine.device} {str(engine.dtype).removeprefix('torch.')}: "
+        f"{engine.model_id} on {engine.device} {str(engine.dtype).removeprefix('torch.')}, "
+        f"precision {engine.precision} ({engine.quantized_layers} quantized layers): "
         f"{len(engine.labels)} labels, {tokens}; load {loaded - started:.1f} s, one forward "
         f"{forward_s * 1000:.0f} ms",
     )

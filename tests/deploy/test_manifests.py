@@ -445,7 +445,7 @@ def test_resources(overlay: str, objs: list[dict[str, Any]], settings: WorkerSet
     for value in product["values"]:
         assert profile.gpu_product in value and "MIG" not in value, value
     if profile.gpu_product == "A100":
-        assert not settings.model.fp8, "A100 (compute capability 8.0) has no FP8"
+        assert settings.model.precision != "fp8", "A100 (compute capability 8.0) has no FP8"
     assert any(
         t["key"] == "nvidia.com/gpu" and t["effect"] == "NoSchedule" for t in pod["tolerations"]
     )

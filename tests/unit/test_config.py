@@ -208,3 +208,37 @@ def test_file_and_environment_mistakes_are_config_errors(
     with pytest.raises(ConfigError, match="kafka") as info:
         load_settings(config)
     assert "hunter2" not in str(info.value)
+
+
+# ---- model.precision, and model.fp8 (removed in 0.3.0) ---------------------------------
+
+
+def test_precision_defaults_to_auto_and_accepts_bf16_as_no_quantization() -> None:
+    assert load_settings().model.precision == "auto"
+    for value in ("auto", "bf16", "none", "fp8", "int8"):
+        assert load_settings(overrides={"model": {"precision": value}}).model.precision == value
+    with pytest.raises(ConfigError, match=r"model\.precision"):
+        load_settings(overrides={"model": {"precision": "fp16"}})
+
+
+_FP8_REPLACED = (
+    r'model\.fp8 was replaced by model\.precision in 0\.3\.0: .*model\.precision = "fp8"'
+)
+
+
+@pytest.mark.parametrize("value", ["true", "false"])
+def test_the_removed_fp8_key_names_its_replacement(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    config = tmp_path / "worker.toml"
+    config.write_text(f'[model]\npath = "/models/llava"\nfp8 = {value}\n')
+    with pytest.raises(ConfigError, match=_FP8_REPLACED) as info:
+        load_settings(config)
+    assert '"bf16" (was fp8 = false' in str(info.value)  # both old values have their fix
+    with pytest.raises(ConfigError, match=_FP8_REPLACED):
+        load_settings(overrides={"model": {"fp8": value == "true"}})  # flags / overrides
+    monkeypatch.setenv("EMOTION_WORKER_MODEL__FP8", value)
+    with pytest.raises(ConfigError, match=_FP8_REPLACED):
+        load_settings()
+    with pytest.raises(ConfigError, match="EMOTION_WORKER_MODEL__FP8"):
+        load_settings(overrides={"model": {"precision": "fp8"}})  # still there: still refused

@@ -93,7 +93,7 @@ def test_defaults_are_rendered() -> None:
     assert _row("kafka.group_instance_id")[2] == "none"
     assert _row("kafka.common_config")[2] == "`{}`"
     assert _row("fetch.allow_hosts")[2] == "`[]`"
-    assert _row("model.fp8")[2] == "`false`"
+    assert _row("model.precision")[2] == "`auto`"
     assert _row("fetch.max_bytes")[2] == f"`{20 * 1024 * 1024}`"
     assert _row("model.labels")[2].startswith('`["angry", "disgusted"')
 

@@ -300,7 +300,7 @@ def test_split_files(tmp_path: Path) -> None:
 
 
 def test_config_supplies_model_settings(tmp_path: Path, tiny_checkpoint: Path) -> None:
-    from consumer.eval.evaluate import _settings
+    from consumer.eval.evaluate import worker_settings
 
     config = tmp_path / "worker.toml"
     config.write_text(
@@ -320,7 +320,7 @@ def test_config_supplies_model_settings(tmp_path: Path, tiny_checkpoint: Path) -
             "cpu",
         ]
     )
-    model = _settings(args).model
+    model = worker_settings(args).model
     assert model.answer_words == ("a1", "b1", "c1", "d1", "e1", "f1", "g1")
     assert model.device == "cpu" and model.path == tiny_checkpoint  # flags beat the file
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -362,3 +363,21 @@ def test_quantized_llava_stays_close_on_real_faces(
     label_ids = label_token_ids(processor.tokenizer, prompt, FER_LABELS, FER_LABELS)
     agree = reference[:, label_ids].argmax(-1) == logits[:, label_ids].argmax(-1)
     assert int(agree.sum()) >= 16, agree.tolist()  # measured 18 of 21
+
+
+def test_engine_runs_fp8_when_model_precision_asks_for_it(
+    monkeypatch: pytest.MonkeyPatch, tiny_checkpoint: Path
+) -> None:
+    """model.precision = "fp8" through the engine: on a CPU that pretends to be an H100 the
+    layers are FP8Linear (emulated); the real CPU refuses it (test_precision.py)."""
+    from consumer.config import ModelSettings
+    from consumer.engine import EmotionEngine
+    from consumer.engine import precision as precision_module
+
+    monkeypatch.setattr(precision_module, "cuda_capability", lambda device: (9, 0))
+    settings = ModelSettings(path=tiny_checkpoint, device="cpu", precision="fp8")
+    engine = EmotionEngine.load(settings, max_batch_size=2)
+    assert (engine.precision, engine.quantized_layers) == ("fp8", 14)
+    assert sum(isinstance(m, FP8Linear) for m in engine.model.modules()) == 14
+    (result,) = engine.classify([Image.new("RGB", (32, 32), (120, 80, 40))])
+    assert abs(sum(result.scores.values()) - 1) < 1e-9

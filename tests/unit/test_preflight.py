@@ -122,6 +122,7 @@ def test_tiny_model_passes_with_device_and_dtype(tiny_checkpoint: Path) -> None:
     result = check_model(settings)
     assert result.status == "OK", result
     assert "on cpu float32" in result.detail and "7 labels, each one token" in result.detail
+    assert "precision none (0 quantized layers)" in result.detail  # auto on a CPU
 
 
 def test_label_token_errors_name_the_label_settings(tiny_checkpoint: Path) -> None:
@@ -139,7 +140,7 @@ def test_label_token_errors_name_the_label_settings(tiny_checkpoint: Path) -> No
         ("model.device is 'cuda' but no CUDA GPU is visible", "model.device"),
         ("answer word 'x' merges with the end of model.prompt when tokenized", "model.prompt"),
         ("answer word 'x' is unknown to the tokenizer", "model.labels / model.answer_words"),
-        ("model.fp8 needs a CUDA GPU", "model.fp8"),
+        ('model.precision = "fp8" needs a CUDA GPU', "model.precision"),
         ("model.path /m has no config.json", "model.path"),
     ],
 )

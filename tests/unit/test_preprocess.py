@@ -154,7 +154,7 @@ def test_compile_auto_is_off_on_cpu_and_fp8_refused(tiny_checkpoint: Path) -> No
     engine = EmotionEngine.load(ModelSettings(path=tiny_checkpoint, device="cpu"))
     assert not engine.compiled
     with pytest.raises(ModelLoadError, match=r"compute capability 8\.9"):
-        EmotionEngine.load(ModelSettings(path=tiny_checkpoint, device="cpu", fp8=True))
+        EmotionEngine.load(ModelSettings(path=tiny_checkpoint, device="cpu", precision="fp8"))
 
 
 def test_vision_tower_stops_at_the_feature_layer(tiny_checkpoint: Path) -> None:
