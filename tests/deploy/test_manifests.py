@@ -5,7 +5,7 @@ TriggerAuthentication and the Prometheus Operator's ServiceMonitor against their
 real CRDs (fetched as Go modules, deploy/manifests.py); then what the schemas cannot know:
 the worker's effective settings inside the pod (its own config loader, fed with the rendered
 ConfigMap, the container's env and args) against probes, ports, grace period, volumes,
-the autoscaler's trigger and the Secret references.
+the compile cache, the autoscaler's trigger and the Secret references.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import pytest
 
 from consumer.cli import build_parser, overrides_from_flags
 from consumer.config import WorkerSettings, load_settings
+from consumer.ops.metrics import HealthState
 from deploy import manifests
 from tests.deploy.dockerfile import parse_dockerfile
 
@@ -33,6 +34,13 @@ ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
 SECRET_WORDS = ("password", "secret", "token", "sasl.username", "key.pem", "oauthbearer")
 # KEDA v2.21's ScaledObject CRD has one CEL rule; a new one in a future pin must get a check.
 KNOWN_CEL_RULES = {"minReplicaCount must be less than or equal to maxReplicaCount"}
+# Where torch.compile's caches live in every overlay (a persistent volume where it compiles).
+COMPILE_CACHE = PurePosixPath("/var/cache/emotion-worker/compile")
+COMPILE_CACHE_DIRS = ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")
+# A new pod's worst case before /readyz: the checkpoint load plus compiling every batch bucket
+# with a cold cache (the first pod after a torch/Triton/GPU change). Minutes; a floor for the
+# rollout's progress deadline, not a measurement (bench/startup_check.py measures it).
+COLD_START_FLOOR_S = 600
 # librdkafka security settings -> what KEDA's (Sarama-based) Kafka scaler calls them.
 KEDA_SASL = {
     "PLAIN": "plaintext",
@@ -52,14 +60,25 @@ class Profile:
     scrape: str  # "servicemonitor" or "annotations"
     sasl: bool
     pinned_image: bool
+    compiles: bool  # torch.compile at start-up: needs the persistent compile cache
 
 
 PROFILES = {
     "a100-production": Profile(
-        gpu_product="A100", keda=True, scrape="servicemonitor", sasl=True, pinned_image=True
+        gpu_product="A100",
+        keda=True,
+        scrape="servicemonitor",
+        sasl=True,
+        pinned_image=True,
+        compiles=True,
     ),
     "dev": Profile(
-        gpu_product=None, keda=False, scrape="annotations", sasl=False, pinned_image=False
+        gpu_product=None,
+        keda=False,
+        scrape="annotations",
+        sasl=False,
+        pinned_image=False,
+        compiles=False,
     ),
 }
 
@@ -157,6 +176,20 @@ def _settings(
     return load_settings(config, overrides_from_flags(args))
 
 
+def _compiles(objs: list[dict[str, Any]], settings: WorkerSettings) -> bool:
+    """Whether the worker compiles at start-up, as consumer/engine/scoring.py decides:
+    model.compile "on", or "auto" on CUDA (device "auto" is CUDA where the pod has a GPU)."""
+    has_gpu = _worker(objs)["resources"].get("limits", {}).get("nvidia.com/gpu") is not None
+    on_cuda = settings.model.device == "cuda" or (settings.model.device == "auto" and has_gpu)
+    return settings.model.compile == "on" or (settings.model.compile == "auto" and on_cuda)
+
+
+def _mount_of(container: dict[str, Any], path: PurePosixPath) -> dict[str, Any] | None:
+    """The volume mount that holds `path` in the container (the deepest), None if none."""
+    mounts = [m for m in container.get("volumeMounts", []) if path.is_relative_to(m["mountPath"])]
+    return max(mounts, key=lambda m: len(m["mountPath"])) if mounts else None
+
+
 def _deep_get(obj: dict[str, Any], *path: str) -> Any:
     for key in path:
         obj = obj.get(key, {})
@@ -197,6 +230,7 @@ CORE_KINDS = {
     "Service",
     "Deployment",
     "PodDisruptionBudget",
+    "PersistentVolumeClaim",
 }
 
 
@@ -401,6 +435,8 @@ def test_pods_run_locked_down(objs: list[dict[str, Any]], settings: WorkerSettin
     user = [i.value for i in final if i.keyword == "USER"][-1]
     assert f"{security['runAsUser']}:{security['runAsGroup']}" == user
     assert pod["automountServiceAccountToken"] is False
+    # Volumes made group-writable (fsGroup) for the image's group, no other.
+    assert security.get("fsGroup", security["runAsGroup"]) == security["runAsGroup"]
     volumes = {v["name"]: v for v in pod["volumes"]}
     for container in pod["containers"] + pod.get("initContainers", []):
         context = container["securityContext"]
@@ -413,6 +449,121 @@ def test_pods_run_locked_down(objs: list[dict[str, Any]], settings: WorkerSettin
         assert tmp and "emptyDir" in volumes[tmp[0]["name"]], container["name"]
         assert not tmp[0].get("readOnly"), container["name"]
         assert "sizeLimit" in volumes[tmp[0]["name"]]["emptyDir"], container["name"]
+
+
+# ------------------------------------------------------------------ the compile cache
+
+
+def test_profile_says_which_overlays_compile(
+    overlay: str, objs: list[dict[str, Any]], settings: WorkerSettings
+) -> None:
+    """The compile-cache checks below key on Profile.compiles; it must be what the engine does."""
+    assert _compiles(objs, settings) == PROFILES[overlay].compiles
+
+
+def test_compile_cache_is_on_a_writable_volume_that_outlives_the_pod(
+    overlay: str, objs: list[dict[str, Any]], settings: WorkerSettings
+) -> None:
+    """torch.compile's caches are where the env says, on a writable mount (the root file
+    system is read-only), and where the worker compiles, on a claim every pod shares: a new
+    pod (rollout, scale-up, reschedule) starts warm."""
+    container = _worker(objs)
+    pod = _pod_spec(objs)
+    env = {v["name"]: _env_value(v, objs) for v in container["env"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    dirs = [PurePosixPath(env[name]) for name in COMPILE_CACHE_DIRS]
+    assert len(set(dirs)) == len(dirs), "inductor and Triton share one folder"
+    # On, whatever torch's default of the day (the image sets neither).
+    assert env["TORCHINDUCTOR_FX_GRAPH_CACHE"] == "1"
+    assert env["TORCHINDUCTOR_AUTOGRAD_CACHE"] == "1"
+    for name, folder in zip(COMPILE_CACHE_DIRS, dirs, strict=True):
+        # The same place in every overlay (and not the image's /tmp default).
+        assert folder.is_absolute() and folder.is_relative_to(COMPILE_CACHE), f"{name}={folder}"
+        mount = _mount_of(container, folder)
+        assert mount is not None, f"{name}={folder} is on the read-only root file system"
+        assert PurePosixPath(mount["mountPath"]) == COMPILE_CACHE, f"{name} on {mount}"
+        assert not mount.get("readOnly"), f"{mount['name']} is mounted read-only"
+        # The kubelet creates a missing subPath folder owned by root: uid 10001 could not
+        # write in it.
+        assert "subPath" not in mount and "subPathExpr" not in mount, mount
+        volume = volumes[mount["name"]]
+        if not PROFILES[overlay].compiles:
+            assert "emptyDir" in volume or "persistentVolumeClaim" in volume, volume
+            continue
+        assert "persistentVolumeClaim" in volume, (
+            f"{name} on {volume}: an emptyDir (or /tmp) is gone with the pod, so every new "
+            "pod would compile every bucket again; use a claim"
+        )
+        ref = volume["persistentVolumeClaim"]
+        assert not ref.get("readOnly"), ref
+        # The overlay creates the claim (disposable, unlike the model's), shared by all pods:
+        # KEDA's replicas and a surge rollout's pods run on several nodes at once.
+        claims = [
+            c
+            for c in _of_kind(objs, "PersistentVolumeClaim")
+            if c["metadata"]["name"] == ref["claimName"]
+        ]
+        assert claims, f"claim {ref['claimName']} is not rendered by {overlay}"
+        (claim,) = claims
+        namespace = _one(objs, "Deployment")["metadata"].get("namespace")
+        assert claim["metadata"].get("namespace") == namespace
+        assert "ReadWriteMany" in claim["spec"]["accessModes"], (
+            "pods on several nodes mount the cache at once: ReadWriteOnce would leave all "
+            "but one node's pods in ContainerCreating (Multi-Attach)"
+        )
+        assert _quantity(claim["spec"]["resources"]["requests"]["storage"]) >= 4 * 2**30
+
+
+def test_compile_cache_is_the_same_path_and_one_claim_per_overlay(
+    rendered: dict[str, list[dict[str, Any]]],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Every compiling overlay uses the same cache paths, each on its own claim: caches of
+    different GPU products (another overlay) never mix, which keeps their size and their
+    clean-up apart (the keys would keep their entries apart anyway)."""
+    paths: dict[str, set[tuple[str, str]]] = {}
+    claims: dict[tuple[str | None, str], str] = {}
+    for name, profile in sorted(PROFILES.items()):
+        if not profile.compiles:
+            continue
+        objs = rendered[name]
+        container = _worker(objs)
+        env = {v["name"]: _env_value(v, objs) for v in container["env"]}
+        paths[name] = {(var, env[var]) for var in COMPILE_CACHE_DIRS}
+        mount = _mount_of(container, COMPILE_CACHE)
+        assert mount is not None
+        (volume,) = [v for v in _pod_spec(objs)["volumes"] if v["name"] == mount["name"]]
+        namespace = _one(objs, "Deployment")["metadata"].get("namespace")
+        key = (namespace, volume["persistentVolumeClaim"]["claimName"])
+        assert key not in claims, f"{name} and {claims[key]} share the compile cache {key}"
+        claims[key] = name
+    assert paths, "no overlay compiles: Profile.compiles is wrong"
+    assert len({frozenset(p) for p in paths.values()}) == 1, paths
+
+
+def test_not_ready_until_warm_up_ends(objs: list[dict[str, Any]], settings: WorkerSettings) -> None:
+    """/readyz stays 503 until every bucket is compiled (or loaded from the cache), while /livez
+    stays 200 however long a cold compile takes: no probe kills it, the rollout's progress
+    deadline bounds it."""
+    container = _worker(objs)
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["startupProbe"]["httpGet"]["path"] == "/livez"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    # consumer/cli.py sets model_ready only after engine.warm_up().
+    health = HealthState(settings.health.loop_stall_s, settings.health.stall_timeout_s)
+    health.subscribed = True
+    # Half an hour into a cold warm-up: no poll loop yet, no progress, no lag known.
+    health.last_loop -= 1800
+    health.last_progress -= 1800
+    ready, why = health.readiness()
+    assert not ready and "warm" in why, why
+    assert health.liveness()[0], "a long warm-up must not fail /livez (restart loop)"
+    health.model_ready = True
+    assert health.readiness()[0], "ready once warm (the check above is not vacuous)"
+    deployment = _one(objs, "Deployment")
+    assert deployment["spec"]["progressDeadlineSeconds"] >= COLD_START_FLOOR_S
 
 
 def test_resources(overlay: str, objs: list[dict[str, Any]], settings: WorkerSettings) -> None:
