@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed-$(LOCK_HASH)
 OTHER_PYTHONS ?= 3.12 3.13
 
 .PHONY: prereqs setup demo test test-pythons unit integration lint schemas docs lock broker \
-	model model-eval clean
+	model model-eval gpu-wheels clean
 
 # Pinned install: every package version comes from requirements.lock. pip's cache
 # (~/.cache/pip) keeps the several-GB torch wheel across fresh clones on one machine.
@@ -113,6 +113,25 @@ lock: setup
 # A broker on 127.0.0.1:9092 in the foreground, for running the worker by hand.
 broker: setup
 	$(BIN)/python -m deploy.kafka.local_broker run --port 9092
+
+# Wheels for bench/gpu_check.sh on a GPU host with no network that has Python 3.12, torch,
+# transformers, pillow, numpy, opencv and prometheus-client but not the rest of what the worker
+# imports: pinned to requirements.lock, cp312 manylinux x86_64 (GPU_PYTHON=3.11 for another
+# Python), no dependencies resolved (the list is complete). Any Python with pip downloads them.
+GPU_WHEELS ?= .cache/gpu-wheels
+GPU_PYTHON ?= 3.12
+GPU_WHEEL_PACKAGES := pydantic pydantic_core pydantic-settings python-dotenv annotated-types \
+	typing-inspection typing_extensions structlog confluent-kafka boto3 botocore s3transfer \
+	jmespath python-dateutil six urllib3
+gpu-wheels:
+	@pins=$$(for p in $(GPU_WHEEL_PACKAGES); do grep -i "^$$p==" requirements.lock || \
+		{ echo "gpu-wheels: $$p is not pinned in requirements.lock" >&2; exit 1; }; done) && \
+	mkdir -p $(GPU_WHEELS) && \
+	$(PYTHON) -m pip download --quiet --disable-pip-version-check --only-binary=:all: \
+		--no-deps --implementation cp --python-version $(GPU_PYTHON) \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux_2_28_x86_64 -d $(GPU_WHEELS) $$pins
+	@ls -1 $(GPU_WHEELS)/*.whl
 
 clean:
 	rm -rf $(VENV) .venv-3.* .cache .pytest_cache .mypy_cache .ruff_cache

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import functools
 import gc
 import os
-import re
 import statistics
 import threading
 import time
@@ -18,20 +16,8 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw
 
-from consumer.config import ModelSettings
-
-ENGINE_SOURCES = Path(__file__).resolve().parent.parent / "consumer" / "engine"
-# The settings that make each engine variant; eager is the baseline the others differ from.
-VARIANT_SETTINGS: dict[str, dict[str, Any]] = {
-    "eager": {"preprocess": "device", "compile": "off", "fp8": False},
-    "processor-preprocess": {"preprocess": "processor", "compile": "off", "fp8": False},
-    "compiled": {"preprocess": "device", "compile": "on", "fp8": False},
-    "fp8": {"preprocess": "device", "compile": "off", "fp8": True},
-}
 # Run by the watchdog before it exits the process hard (a broker to stop, a folder to delete).
 CLEANUPS: list[Callable[[], object]] = []
-# The one setting each non-eager variant is about.
-VARIANT_KEY = {"processor-preprocess": "preprocess", "compiled": "compile", "fp8": "fp8"}
 
 
 @dataclass(slots=True)
@@ -50,8 +36,10 @@ class Row:
     warmup_s: float | None = None
     agreement: float | None = None
     max_abs_diff: float | None = None
-    ratio_to_engine: float | None = None  # worker row: its events/s over eager images/s
+    ratio_to_engine: float | None = None  # worker rows: their results/s over eager images/s
     note: str = ""
+    # Named numbers behind the note (worker rows: where the time went), for the JSON.
+    details: dict[str, float] = field(default_factory=dict)
 
 
 class Budget:
@@ -104,28 +92,6 @@ class Bench:
             self.rows.append(row)
         rate = "" if row.images_per_s is None else f"{row.images_per_s:.1f}/s "
         print(f"  -> {row.variant} batch {row.batch}: {rate}{row.note}", flush=True)
-
-
-@functools.cache
-def _engine_source() -> str:
-    return "\n".join(p.read_text(encoding="utf-8") for p in sorted(ENGINE_SOURCES.glob("*.py")))
-
-
-def engine_reads(name: str) -> bool:
-    """Whether the engine's code mentions settings.<name> at all (a cheap 'implemented?')."""
-    return re.search(rf"settings\.{name}\b", _engine_source()) is not None
-
-
-def variant_settings(base: dict[str, Any], variant: str) -> tuple[ModelSettings, list[str]]:
-    """The ModelSettings of a variant, and notes on settings the code does not know yet."""
-    wanted = VARIANT_SETTINGS[variant]
-    known = ModelSettings.model_fields
-    notes = [f"ModelSettings has no field {k!r}" for k in wanted if k not in known]
-    key = VARIANT_KEY.get(variant)
-    if key in known and not engine_reads(key):
-        notes.append(f"engine never reads settings.{key}: this row measures eager")
-    kwargs = {**base, **{k: v for k, v in wanted.items() if k in known}}
-    return ModelSettings(**kwargs), notes
 
 
 def image_files(folder: Path, limit: int) -> list[Path]:

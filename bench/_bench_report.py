@@ -17,17 +17,19 @@ from typing import Any
 import torch
 
 from bench._bench_core import Bench, Row, run_cleanups
+from bench._variants import VARIANTS
 
 # Exit status when the watchdog cut the run: the table is there, but rows are missing.
 PARTIAL_EXIT = 3
+# Table order; startup-cold/-warm are bench/gpu_check.py's time-to-ready rows.
 VARIANT_ORDER = (
     "startup",
+    "startup-cold",
+    "startup-warm",
     "naive-generate",
-    "eager",
-    "processor-preprocess",
-    "compiled",
-    "fp8",
-    "worker",
+    *VARIANTS,
+    "worker-memory",
+    "worker-kafka",
 )
 HEADERS = (
     "variant",
@@ -42,6 +44,7 @@ HEADERS = (
     "warm-up s",
     "agree",
     "max Δ",
+    "vs engine",
     "note",
 )
 
@@ -77,9 +80,9 @@ def _cell(value: float | None, digits: int, cuda_only: bool, on_cuda: bool) -> s
     return f"{value:.{digits}f}" if digits >= 0 else f"{value:.3g}"
 
 
-def _cells(row: Row, on_cuda: bool) -> list[str]:
+def cells(row: Row, on_cuda: bool) -> list[str]:
     share = None if row.peak_share is None else row.peak_share * 100
-    timed = row.variant not in ("startup", "worker")
+    timed = not row.variant.startswith(("startup", "worker"))
     return [
         row.variant,
         "" if row.batch is None else str(row.batch),
@@ -93,6 +96,7 @@ def _cells(row: Row, on_cuda: bool) -> list[str]:
         _cell(row.warmup_s, 2, False, on_cuda),
         _cell(row.agreement, 3, False, on_cuda),
         _cell(row.max_abs_diff, -1, False, on_cuda),
+        _cell(row.ratio_to_engine, 3, False, on_cuda),
         row.note.replace("|", "/"),
     ]
 
@@ -109,13 +113,17 @@ def sorted_rows(rows: list[Row]) -> list[Row]:
 
 def markdown(bench: Bench, title: str) -> str:
     """The table with a short header of what was measured where."""
-    on_cuda = bench.device.type == "cuda"
-    lines = [f"### {title}", ""]
-    lines += [f"- {note}" for note in bench.notes]
-    lines += ["", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
     with bench.lock:
-        rows = sorted_rows(list(bench.rows))
-    lines += ["| " + " | ".join(_cells(row, on_cuda)) + " |" for row in rows]
+        rows = list(bench.rows)
+    return render(title, bench.notes, rows, bench.device.type == "cuda")
+
+
+def render(title: str, notes: list[str], rows: list[Row], on_cuda: bool) -> str:
+    """Title, the notes as a list, then the rows as one markdown table."""
+    lines = [f"### {title}", ""]
+    lines += [f"- {note}" for note in notes]
+    lines += ["", "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    lines += ["| " + " | ".join(cells(row, on_cuda)) + " |" for row in sorted_rows(rows)]
     return "\n".join(lines) + "\n"
 
 

@@ -18,8 +18,8 @@ from bench._bench_core import (
     take,
     throughput,
     timed,
-    variant_settings,
 )
+from bench._variants import VARIANTS, variant_settings
 from consumer.engine import EmotionEngine, FaceScores
 
 NAIVE_NEW_TOKENS = 5
@@ -53,6 +53,11 @@ def engine_row(bench: Bench, variant: str, batch: int) -> Row:
     padded = take(bench.agree_faces, -(-count // batch) * batch)
     row.agreement, row.max_abs_diff = agreement(engine.classify(padded)[:count], bench.reference)
     row.peak_gib = peak_gib(bench.device)
+    # An engine with model.precision says what its linear layers run (auto: what it chose).
+    chosen = getattr(engine, "precision", None)
+    if chosen is not None and VARIANTS[variant].about == "precision":
+        reason = str(getattr(engine, "precision_reason", "") or "")
+        notes.insert(0, f"precision {chosen}" + (f" ({reason[:160]})" if reason else ""))
     row.note = "; ".join([f"{len(times)} iterations", *notes])
     return row
 

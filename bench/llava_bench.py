@@ -1,7 +1,7 @@
 """Benchmark the LLaVA emotion engine's variants and the whole worker: one markdown table.
 
 Per engine variant and batch size: throughput, latency, FLOP/s, memory and label agreement;
-plus the whole Kafka worker end to end.
+plus the whole worker end to end (on the in-memory broker; on Kafka too where one is at hand).
 
     python -m bench.llava_bench                    # CPU: tiny model; CUDA: LLaVA-1.5-7B shape
     python -m bench.llava_bench --model llava-7b   # random 7B-shaped weights, built on the GPU
@@ -21,9 +21,8 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -41,118 +40,32 @@ from bench._bench_core import (
     reset_peak,
     run_cleanups,
     sync,
-    variant_settings,
+)
+from bench._bench_options import (
+    apply_defaults,
+    asked_variants,
+    device_of,
+    load_model,
+    parse_args,
 )
 from bench._bench_report import Finisher
 from bench._bench_rows import engine_row, naive_row
-from bench._bench_worker import broker_unavailable, worker_row
-from bench._frames import FER_FACES
+from bench._bench_worker import memory_worker_row
+from bench._bench_worker_kafka import broker_unavailable, kafka_worker_row
 from bench._llava_shapes import (
     SHAPES,
-    build_random_checkpoint,
     count_params,
     meta_param_count,
     params_text,
     prompt_flops,
-    write_shape_folder,
 )
+from bench._variants import VARIANTS, skip_reason, variant_settings
 from consumer.config import ModelSettings
-from consumer.engine import EmotionEngine, make_tiny_checkpoint
-from consumer.engine.loader import load_checkpoint
+from consumer.engine import EmotionEngine
 from consumer.engine.scoring import label_token_ids
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_DATA = FER_FACES
-VARIANTS = ("naive-generate", "eager", "processor-preprocess", "compiled", "fp8")
-# (CUDA, CPU) defaults of the options whose sensible value depends on the device.
-DEVICE_DEFAULTS: dict[str, tuple[Any, Any]] = {
-    "model": ("llava-7b", "tiny"),
-    "batch_sizes": ("1,8,32", "1,16"),
-    "iterations": (20, 10),
-    "worker_events": (512, 200),
-    "row_time_s": (10.0, 5.0),
-}
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    """Options; the device-dependent ones stay None until `_apply_defaults`."""
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.llava_bench", description=(__doc__ or "").splitlines()[0]
-    )
-    add = parser.add_argument
-    add(
-        "--model",
-        choices=["tiny", *SHAPES],
-        help="default: llava-7b on CUDA, tiny on CPU "
-        "(llava-7b-mini: the 7B image geometry with tiny widths, to test the path on a CPU)",
-    )
-    add(
-        "--model-path",
-        type=Path,
-        help="--model tiny: checkpoint folder to load; a tiny one is "
-        "written there if it has no config.json (default .cache/models/tiny-llava)",
-    )
-    add("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    add("--batch-sizes", help='comma list; default "1,8,32" on CUDA, "1,16" on CPU')
-    add("--variants", help=f"comma list of {','.join(VARIANTS)}; default all that apply")
-    add("--iterations", type=int, help="timed batches per row (median); default 20 CUDA, 10 CPU")
-    add("--row-time-s", type=float, help="stop a row's timing loop after this many seconds")
-    add("--time-budget-s", type=float, default=270.0, help="whole run, from process start")
-    add("--data", type=Path, default=DEFAULT_DATA, help="face folder, one subfolder per class")
-    add("--agree-faces", type=int, default=32, help="faces for the label agreement columns")
-    add("--flops-per-image", type=float, help="override the computed FLOP estimate")
-    add("--peak-tflops", type=float, default=790.0, help="bf16 dense ceiling (H200: 790)")
-    add("--worker-events", type=int, help="events for the worker row; default 512 CUDA, 200 CPU")
-    add("--bootstrap-servers", help="use this Kafka broker instead of starting a local one")
-    add("--no-worker", action="store_true", help="skip the end-to-end worker row")
-    add("--out", type=Path, default=REPO / ".cache" / "bench", help="folder for .md and .json")
-    return parser.parse_args(argv)
-
-
-def _apply_defaults(args: argparse.Namespace, device: torch.device) -> None:
-    for name, (cuda, cpu) in DEVICE_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, cuda if device.type == "cuda" else cpu)
-    args.batch_list = sorted({int(size) for size in args.batch_sizes.split(",") if size.strip()})
-    unknown = set(args.variants.split(",")) - set(VARIANTS) if args.variants else set()
-    if unknown:
-        raise SystemExit(f"unknown --variants {sorted(unknown)}; choose from {VARIANTS}")
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _skip_reason(variant: str, args: argparse.Namespace, device: torch.device) -> str | None:
-    """Why `variant` does not run here (None: it runs)."""
-    asked = args.variants.split(",") if args.variants else None
-    if asked is not None and variant not in asked:
-        return "not in --variants"
-    if variant == "compiled" and device.type != "cuda" and asked is None:
-        return "CUDA only by default (compiling on a CPU takes minutes); --variants forces it"
-    if variant == "fp8":
-        if device.type != "cuda":
-            return "needs a CUDA GPU of compute capability 8.9+"
-        capability = torch.cuda.get_device_capability(device)
-        if capability < (8, 9):
-            return f"compute capability {capability} < (8, 9): no FP8 matmuls"
-    return None
-
-
-def _load_model(args: argparse.Namespace, device: torch.device, scratch: Path) -> tuple[Any, str]:
-    """The LoadedCheckpoint of --model, and a line saying what it is."""
-    if args.model == "tiny":
-        path = args.model_path or REPO / ".cache" / "models" / "tiny-llava"
-        if not (path / "config.json").exists():
-            make_tiny_checkpoint(path)
-        settings = variant_settings({"path": path, "device": device.type}, "eager")[0]
-        # What EmotionEngine.load does, split so the checkpoint can serve every variant.
-        return load_checkpoint(settings), f"checkpoint {path}"
-    folder = write_shape_folder(scratch / f"{args.model}-shape", SHAPES[args.model])
-    checkpoint = build_random_checkpoint(folder, device, torch.bfloat16)
-    return checkpoint, f"{args.model}-shaped model, RANDOM weights built on {device}"
+Plan = Iterator[tuple[str, int | None, Callable[[], Row]]]
 
 
 def _setup(args: argparse.Namespace, device: torch.device, budget: Budget, scratch: Path) -> Bench:
@@ -163,7 +76,7 @@ def _setup(args: argparse.Namespace, device: torch.device, budget: Budget, scrat
     print(f"faces: {face_note}", flush=True)
     reset_peak(device)
     started = time.perf_counter()
-    checkpoint, what = _load_model(args, device, scratch)
+    checkpoint, what = load_model(args.model, args.model_path, device, scratch)
     load_s = time.perf_counter() - started
     print(f"model ready in {load_s:.1f}s: {what}", flush=True)
     dtype = "bfloat16" if args.model in SHAPES else "auto"
@@ -233,37 +146,37 @@ def _describe(bench: Bench, args: argparse.Namespace, what: str, face_note: str)
         bench.notes.append(f"the full llava-7b shape has {params_text(full)} params")
 
 
-def _plan(
-    bench: Bench, args: argparse.Namespace
-) -> list[tuple[str, int | None, Callable[[], Row]]]:
+def _plan(bench: Bench, args: argparse.Namespace) -> Plan:
     """(variant, batch, run) in execution order, cheap and important first.
 
     Larger batches run first within a variant: they give the headline throughput, and the
     budget cuts the rows at the end. compiled is last: each of its rows compiles a 7B
-    graph (tens of seconds), so it is what the budget should cut.
+    graph (tens of seconds), so it is what the budget should cut. A generator, so that
+    "best" batches and the worker rows' batch are chosen after the eager rows ran.
     """
-    plan: list[tuple[str, int | None, Callable[[], Row]]] = []
-    sizes = sorted(args.batch_list, reverse=True)
+    for size in sorted(args.batch_list, reverse=True):
+        yield "eager", size, functools.partial(engine_row, bench, "eager", size)
+    # The rest in VARIANTS order, the processor-preprocess ablation first and compiled last;
+    # between them the baseline and the whole worker, which need only the eager rows.
+    rest = [name for name in VARIANTS if name not in ("eager", "processor-preprocess")]
+    rest.sort(key=lambda name: name == "compiled")  # stable: the others keep their order
+    for variant in ["processor-preprocess", "naive-generate", "worker", *rest]:
+        if variant == "naive-generate":
+            yield variant, 1, lambda: naive_row(bench)
+        elif variant == "worker":
+            best = _best_eager_batch(bench, args)
+            for broker in ("memory", "kafka"):
+                yield f"worker-{broker}", best, functools.partial(_worker_row, bench, args, broker)
+        else:
+            for size in _other_batches(bench, args):
+                yield variant, size, functools.partial(engine_row, bench, variant, size)
 
-    def engine_rows(variant: str) -> None:
-        for size in sizes:
-            plan.append((variant, size, functools.partial(engine_row, bench, variant, size)))
 
-    engine_rows("eager")
-    engine_rows("processor-preprocess")
-    plan.append(("naive-generate", 1, lambda: naive_row(bench)))
-    plan.append(
-        (
-            "worker",
-            None,
-            lambda: worker_row(
-                bench, _best_eager_batch(bench, args), args.worker_events, args.bootstrap_servers
-            ),
-        )
-    )
-    engine_rows("fp8")
-    engine_rows("compiled")
-    return plan
+def _other_batches(bench: Bench, args: argparse.Namespace) -> list[int]:
+    """--other-batches with "best" resolved, largest first."""
+    best = _best_eager_batch(bench, args)
+    sizes = {best if size == "best" else int(size) for size in args.other_list}
+    return sorted(sizes, reverse=True)
 
 
 def _best_eager_batch(bench: Bench, args: argparse.Namespace) -> int:
@@ -275,23 +188,40 @@ def _best_eager_batch(bench: Bench, args: argparse.Namespace) -> int:
     return max(eager, key=lambda r: r.images_per_s or 0.0).batch or largest
 
 
-def _worker_skip(args: argparse.Namespace) -> str | None:
+def _worker_row(bench: Bench, args: argparse.Namespace, broker: str) -> Row:
+    batch = _best_eager_batch(bench, args)
+    if broker == "memory":
+        return memory_worker_row(bench, batch, args.worker_events, args.worker_images)
+    images, servers = args.worker_images, args.bootstrap_servers
+    return kafka_worker_row(bench, batch, args.worker_events, images, servers)
+
+
+def _worker_skip(args: argparse.Namespace, broker: str) -> str | None:
+    """Why the worker row on `broker` (memory or kafka) does not run (None: it runs)."""
     if args.no_worker:
         return "--no-worker"
+    wanted = args.worker_broker
+    if broker == "memory":
+        return None if wanted in ("auto", "memory", "both") else f"--worker-broker {wanted}"
+    if wanted == "memory":
+        return "--worker-broker memory"
     try:
         return broker_unavailable(args.bootstrap_servers)
-    except Exception as exc:  # deploy/ missing or broken: the engine rows still count
+    except Exception as exc:  # deploy/ missing or broken: the other rows still count
         return f"cannot check for a broker: {exc}"
 
 
 def _run_rows(bench: Bench, args: argparse.Namespace, state: dict[str, str]) -> None:
     """Run the plan; a failing row becomes a row saying why, never the end of the run."""
     skipped: set[str] = set()
+    asked = asked_variants(args)
     for variant, batch, run in _plan(bench, args):
-        if variant == "worker":
-            reason = _worker_skip(args)
+        if variant.startswith("worker-"):
+            reason = _worker_skip(args, variant.removeprefix("worker-"))
+        elif variant == "naive-generate":
+            reason = None if asked is None or variant in asked else "not in --variants"
         else:
-            reason = _skip_reason(variant, args, bench.device)
+            reason = skip_reason(variant, asked, bench.device)
         if reason is not None:
             if variant not in skipped:  # one row per skipped variant, not per batch size
                 skipped.add(variant)
@@ -300,7 +230,7 @@ def _run_rows(bench: Bench, args: argparse.Namespace, state: dict[str, str]) -> 
         if not bench.budget.can_start_row():
             bench.add(Row(variant, batch, note="skipped: time budget nearly used up"))
             continue
-        state["current"] = variant if batch is None else f"{variant} batch {batch}"
+        state["current"] = f"{variant} batch {batch}"
         print(f"[{_elapsed(bench)}] {state['current']} ...", flush=True)
         _restore(bench)
         try:
@@ -340,9 +270,9 @@ def _elapsed(bench: Bench) -> str:
 def main(argv: list[str] | None = None, *, started: float | None = None) -> int:
     """Run the benchmark; `started` (monotonic) is when the time budget began."""
     budget_start = time.monotonic() if started is None else started
-    args = parse_args(argv)
-    device = _device(args.device)
-    _apply_defaults(args, device)
+    args = parse_args(argv, (__doc__ or "").splitlines()[0])
+    device = device_of(args.device)
+    apply_defaults(args, device)
     reserve = 20.0 if device.type == "cuda" else 5.0
     budget = Budget(budget_start, args.time_budget_s, reserve, args.row_time_s)
     print(

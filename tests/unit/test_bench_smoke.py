@@ -1,4 +1,5 @@
-"""bench.llava_bench runs end to end on the CPU with the tiny model and writes its table."""
+"""bench.llava_bench runs end to end on the CPU with the tiny model and writes its table,
+the worker-memory row (the unchanged Worker on the in-memory broker) included."""
 
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ def test_tiny_model_on_cpu(
     out = tmp_path / "bench"
     argv = ["--model", "tiny", "--model-path", str(tiny_checkpoint), "--device", "cpu"]
     argv += ["--batch-sizes", "1,4", "--iterations", "2", "--agree-faces", "8"]
-    argv += ["--no-worker", "--out", str(out)]
+    # The worker row on the in-memory broker, images over loopback HTTP: a few events.
+    argv += ["--worker-broker", "memory", "--worker-events", "12", "--out", str(out)]
 
     assert main(argv) == 0
 
@@ -40,7 +42,13 @@ def test_tiny_model_on_cpu(
             row = rows[(variant, batch)]
             assert float(row["images/s"].replace(",", "")) > 0, row
             assert 0.0 <= float(row["agree"]) <= 1.0, row
-    assert rows[("worker", "")]["note"] == "skipped: --no-worker"
+    assert rows[("worker-kafka", "")]["note"] == "skipped: --worker-broker memory"
+    worker = next(row for (variant, _), row in rows.items() if variant == "worker-memory")
+    assert worker["note"].startswith("12/12 results, 0 dead letters"), worker
+    assert float(worker["images/s"].replace(",", "")) > 0, worker
+    assert float(worker["vs engine"]) > 0, worker
+    # The worker's fetch/decode path feeds the model what a direct call does.
+    assert float(worker["max Δ"]) < 1e-3, worker
 
     (json_file,) = out.glob("*.json")
     data = json.loads(json_file.read_text(encoding="utf-8"))
@@ -49,3 +57,6 @@ def test_tiny_model_on_cpu(
     eager = [row for row in data["rows"] if row["variant"] == "eager"]
     assert sorted(row["batch"] for row in eager) == [1, 4]
     assert all(row["images_per_s"] > 0 and 0 <= row["agreement"] <= 1 for row in eager)
+    (memory,) = [row for row in data["rows"] if row["variant"] == "worker-memory"]
+    assert memory["batch"] in (1, 4)  # the fastest eager batch
+    assert {"model_busy_share", "queue_wait_ms", "model_ms_per_call"} <= set(memory["details"])
