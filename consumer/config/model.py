@@ -55,7 +55,13 @@ class ModelSettings(Section):
         default="auto", description="`auto`: `cuda` when available, else `cpu`."
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="`auto`: `bfloat16` on cuda, `float32` on cpu."
+        default="auto",
+        description=(
+            "`auto`: `float32` on cpu; on cuda `float32` for a checkpoint of fewer than 100M "
+            "parameters (such a model is bound by kernel launches, so float32 costs little "
+            "and scores as the CPU does), else `bfloat16`. The choice and its reason are "
+            "logged (`dtype chosen`)."
+        ),
     )
     model_id: str | None = Field(
         default=None,
@@ -82,8 +88,9 @@ class ModelSettings(Section):
             "Quantization of the language model's linear layers only; `model.dtype` stays "
             "the base dtype of everything else (vision tower, projector, `lm_head`, "
             "embeddings, norms). `bf16`, or its synonym `none`: no quantization, the layers "
-            "run in `model.dtype` (bfloat16 on a GPU by default; float32 on the CPU, "
-            "whatever the name says). `fp8`: e4m3 weights and activations with rowwise "
+            "run in `model.dtype` (by default bfloat16 on a GPU for checkpoints of 100M+ "
+            "parameters, else float32; float32 on the CPU, whatever the name says). "
+            "`fp8`: e4m3 weights and activations with rowwise "
             "scales; needs a GPU of compute capability 8.9+ (Ada, Hopper), else start-up "
             "fails. `int8`: W8A8 (per-channel weight and per-token activation scales, "
             "SmoothQuant) on `torch._int_mm`; also runs on the CPU, for tests. `auto` "

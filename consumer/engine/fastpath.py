@@ -8,7 +8,10 @@ Compared with calling `LlavaForConditionalGeneration.forward`:
 - the attention mask is left out (the prompt has no padding), so attention runs its causal
   fast path;
 - only the last position's hidden state is projected, and only onto the label tokens'
-  rows of `lm_head` (7 rows instead of a 32k vocabulary).
+  rows of `lm_head` (7 rows instead of a 32k vocabulary);
+- the language model's last decoder layer computes keys and values for every position but
+  its query, attention output, residual and MLP for the last position only
+  (consumer.engine.lastlayer; Llama-family decoders, exact up to float rounding).
 
 When two labels share a first token, each label's whole token sequence is scored instead
 (its summed log-probability after the prompt), with one batched pass over the label
@@ -25,6 +28,7 @@ from typing import Any
 
 import torch
 
+from consumer.engine.lastlayer import last_position_hidden, supports_last_layer_trim
 from consumer.engine.loader import ModelLoadError
 
 
@@ -80,7 +84,12 @@ class LabelHead:
     """
 
     def __init__(
-        self, model: Any, sequences: Sequence[Sequence[int]], *, snapshot: bool = False
+        self,
+        model: Any,
+        sequences: Sequence[Sequence[int]],
+        *,
+        snapshot: bool = False,
+        trim_last_layer: bool = True,
     ) -> None:
         """Take the rows of `model.lm_head` for the labels' first tokens, now.
 
@@ -88,9 +97,16 @@ class LabelHead:
         plain tensor read in every batch is what torch.compile traces best. Without, they
         stay linked to lm_head by autograd, so gradients reach it; training builds a head
         per step or validation pass, as its weights change.
+
+        `trim_last_layer=False` runs the language model's whole forward instead of the
+        last-position trim (the same scores up to rounding): for comparisons only.
         """
         self.sequences = tuple(tuple(seq) for seq in sequences)
         self.first_token_only = len({seq[0] for seq in self.sequences}) == len(self.sequences)
+        # Decided once here: scores() then has no branch torch.compile must guard on.
+        self.trim_last_layer = trim_last_layer and supports_last_layer_trim(
+            model.model.language_model
+        )
         head = model.lm_head
         first = torch.tensor([seq[0] for seq in self.sequences], device=head.weight.device)
         rows = head.weight.index_select(0, first)
@@ -104,7 +120,10 @@ class LabelHead:
         """Prompt embeddings (B, T, D) -> label log-scores (B, L) in float32."""
         if not self.first_token_only:
             return self.sequence_scores(model, embeds)
-        output = model.model.language_model(inputs_embeds=embeds, use_cache=False)
+        language_model = model.model.language_model
+        if self.trim_last_layer:
+            return self.first_token_scores(last_position_hidden(language_model, embeds))
+        output = language_model(inputs_embeds=embeds, use_cache=False)
         return self.first_token_scores(output.last_hidden_state[:, -1])
 
     def first_token_scores(self, last: torch.Tensor) -> torch.Tensor:
@@ -158,6 +177,8 @@ class LabelScorer:
         model: Any,
         input_ids: torch.Tensor,
         label_sequences: Sequence[Sequence[int]],
+        *,
+        trim_last_layer: bool = True,
     ) -> None:
         self.model = model
         self.vision_tower = model.model.vision_tower
@@ -175,7 +196,9 @@ class LabelScorer:
         # Kept outside inference mode so that torch.compile can trace through them.
         self.prefix = embeds[:, :start].clone()
         self.suffix = embeds[:, end:].clone()
-        self.head = LabelHead(model, label_sequences, snapshot=True)
+        self.head = LabelHead(
+            model, label_sequences, snapshot=True, trim_last_layer=trim_last_layer
+        )
 
     @property
     def first_token_only(self) -> bool:
