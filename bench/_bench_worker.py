@@ -123,10 +123,11 @@ def frame_records(
 
 
 def settings_overrides(
-    model_settings: Any, batch: int, images: str, kafka: dict[str, Any]
+    model_settings: Any, batch: int, images: str, kafka: dict[str, Any], face_folder: Path
 ) -> dict[str, Any]:
-    """load_settings overrides: the defaults, but this engine's batch and (for http) the
-    loopback image server allowed past the SSRF check."""
+    """load_settings overrides: the defaults, but this engine's batch, (for http) the
+    loopback image server allowed past the SSRF check and (for file) the face folder
+    readable: the worker refuses file:// images outside fetch.file_roots, empty by default."""
     overrides: dict[str, Any] = {
         "kafka": kafka,
         "model": model_settings.model_dump(mode="json"),
@@ -134,6 +135,8 @@ def settings_overrides(
     }
     if images == "http":
         overrides["fetch"] = {"allow_hosts": ["127.0.0.1"]}
+    elif images == "file":
+        overrides["fetch"] = {"file_roots": [str(face_folder.resolve())]}
     return overrides
 
 
@@ -167,7 +170,8 @@ def memory_worker_row(bench: Bench, batch: int, events: int, images: str) -> Row
         for key, value in sent.records:
             broker.produce(topics["input_topic"], value, key=key)
         kafka = {"bootstrap_servers": broker.address, "group_id": f"bench-{run_id}", **topics}
-        settings = load_settings(overrides=settings_overrides(model_settings, batch, images, kafka))
+        overrides = settings_overrides(model_settings, batch, images, kafka, bench.face_folder)
+        settings = load_settings(overrides=overrides)
         worker = Worker(
             settings,
             engine,

@@ -86,7 +86,8 @@ def kafka_worker_row(
         sent = frame_records(bench, engine, events, images, base_url)
         _publish(servers, topics["input_topic"], sent)
         kafka = {"bootstrap_servers": servers, "group_id": f"bench-{run_id}", **topics}
-        settings = load_settings(overrides=settings_overrides(model_settings, batch, images, kafka))
+        overrides = settings_overrides(model_settings, batch, images, kafka, bench.face_folder)
+        settings = load_settings(overrides=overrides)
         worker = Worker(settings, engine)
         thread = threading.Thread(target=worker.run, name="bench-worker", daemon=True)
         thread.start()

@@ -178,6 +178,9 @@ def run_demo(
             overrides={
                 "kafka": {"bootstrap_servers": bootstrap, "group_id": f"demo-{run_id}", **topics},
                 "model": {"path": str(model)},
+                # The events name the faces by file:// path: the one folder they lie in
+                # is readable, as the worker refuses file:// images by default.
+                "fetch": {"file_roots": [str(data.resolve())]},
             }
         )
         engine = EmotionEngine.load(settings.model, max_batch_size=settings.batch.max_batch_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
 import sys
 import time
 import uuid
@@ -136,6 +137,23 @@ def inline_problem(path: Path, event: FrameEvent, settings: WorkerSettings) -> s
     return f"skipped {path}: " + "; ".join(reasons) + " (the worker would dead-letter it)"
 
 
+def file_roots_problem(folder: Path, settings: WorkerSettings) -> str | None:
+    """Why a worker with these settings would refuse the folder's file:// events, if so.
+
+    Only a hint: the workers may run with other settings than this command.
+    """
+    real = Path(os.path.realpath(folder))
+    roots = settings.fetch.file_roots
+    if any(real.is_relative_to(os.path.realpath(root)) for root in roots):
+        return None
+    return (
+        f"the events name their images by file:// path, but fetch.file_roots "
+        f"({', '.join(map(str, roots)) or 'empty, the default'}) does not cover {real}: a "
+        "worker with these settings dead-letters them (image_fetch_refused); add the folder "
+        "to the workers' fetch.file_roots, or publish with --inline"
+    )
+
+
 def _inline_event(
     path: Path, stream_id: str | None, settings: WorkerSettings
 ) -> tuple[FrameEvent | None, str | None]:
@@ -234,6 +252,8 @@ def publish_folder(
 
     paths = image_files(folder, limit)
     report = PublishReport(topic=topic or settings.kafka.input_topic)
+    if not inline and (problem := file_roots_problem(folder, settings)):
+        warn(problem)
     client = _Client(settings, report)
     client.wait_for_cluster(settings.kafka.bootstrap_servers, connect_timeout_s)
     if create_partitions:

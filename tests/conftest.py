@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -126,6 +127,8 @@ def start_worker(
             # Image servers under test listen on loopback, which the SSRF guard refuses
             # by default; a test may still override this.
             "fetch__allow_hosts": '["127.0.0.1"]',
+            # file:// images: the committed faces and this test's own files only.
+            "fetch__file_roots": json.dumps([str(REPO / "data"), str(tmp_path.resolve())]),
             # Several workers run at once: each takes a free port for its health server.
             "health__host": "127.0.0.1",
             "health__port": "0",

@@ -161,11 +161,14 @@ class FetchSettings(Section):
             'or a network (`"10.0.0.0/8"`).'
         ),
     )
-    file_roots: tuple[Path, ...] | None = Field(
-        default=None,
+    # Empty by default: a file:// reference lets whoever publishes an event choose a file of
+    # the worker's host (keys, tokens, /proc), so reading files is something to turn on.
+    file_roots: tuple[Path, ...] = Field(
+        default=(),
         description=(
             "Absolute folders that `file://` images must lie in (real path: symlinks and "
-            "`..` resolved). None: any path (for development and the demo)."
+            "`..` resolved). Empty (the default): `file://` images are refused "
+            '(`image_fetch_refused`); e.g. `["/srv/frames"]` to read that folder.'
         ),
     )
     max_data_uri_bytes: int = Field(
@@ -194,11 +197,23 @@ class FetchSettings(Section):
                     ) from None
         return value
 
+    @field_validator("file_roots", mode="before")
+    @classmethod
+    def _refuse_null_file_roots(cls, value: object) -> object:
+        # null used to mean "any path"; now it would silently mean "none", so it is an error
+        # that says what to write instead.
+        if value is None:
+            raise ValueError(
+                "fetch.file_roots no longer takes null (it meant any path): list the folders "
+                'file:// images may be read from, e.g. ["/srv/frames"], or leave it out to '
+                "refuse file:// images"
+            )
+        return value
+
     @field_validator("file_roots")
     @classmethod
-    def _check_file_roots(cls, value: tuple[Path, ...] | None) -> tuple[Path, ...] | None:
-        if value is not None:
-            for root in value:
-                if not root.is_absolute():
-                    raise ValueError(f"fetch.file_roots entry {str(root)!r} must be absolute")
+    def _check_file_roots(cls, value: tuple[Path, ...]) -> tuple[Path, ...]:
+        for root in value:
+            if not root.is_absolute():
+                raise ValueError(f"fetch.file_roots entry {str(root)!r} must be absolute")
         return value

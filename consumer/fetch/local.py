@@ -14,21 +14,31 @@ from consumer.errors import EventError
 
 
 def read_file(uri: str, settings: FetchSettings) -> bytes:
-    """A regular file's bytes, inside fetch.file_roots when set, capped at fetch.max_bytes."""
+    """A regular file's bytes, inside fetch.file_roots, capped at fetch.max_bytes.
+
+    With no fetch.file_roots (the default) every file:// image is refused: the event's
+    publisher would otherwise choose any file the worker can read.
+    """
     max_bytes = settings.max_bytes
     path = Path(unquote(urlsplit(uri).path))
     if "\x00" in str(path):
         raise EventError("image_fetch_refused", f"image file path {str(path)!r} has a NUL byte")
-    if settings.file_roots is not None:
-        # The real path: ".." and symlinks must not lead out of the configured roots.
-        real = Path(os.path.realpath(path))
-        if not any(real.is_relative_to(os.path.realpath(root)) for root in settings.file_roots):
-            raise EventError(
-                "image_fetch_refused",
-                f"image fetch refused: file {path} (really {real}) is outside fetch.file_roots; "
-                "add its folder to fetch.file_roots if it is meant to be readable",
-            )
-        path = real  # open what was checked, not the name that might be swapped meanwhile
+    if not settings.file_roots:
+        raise EventError(
+            "image_fetch_refused",
+            f"image fetch refused: file {path}: file:// images are off because "
+            "fetch.file_roots is empty (the default); set fetch.file_roots to the folders "
+            "the images lie in, e.g. EMOTION_WORKER_FETCH__FILE_ROOTS='[\"/srv/frames\"]'",
+        )
+    # The real path: ".." and symlinks must not lead out of the configured roots.
+    real = Path(os.path.realpath(path))
+    if not any(real.is_relative_to(os.path.realpath(root)) for root in settings.file_roots):
+        raise EventError(
+            "image_fetch_refused",
+            f"image fetch refused: file {path} (really {real}) is outside fetch.file_roots; "
+            "add its folder to fetch.file_roots if it is meant to be readable",
+        )
+    path = real  # open what was checked, not the name that might be swapped meanwhile
     try:
         # O_NONBLOCK: opening a FIFO must not wait for a writer. What was opened is then
         # checked to be a regular file, so pipes, devices and sockets are refused.

@@ -16,6 +16,7 @@ build on `results`. `versions` is the `--version` text.
 
 from consumer.preflight.local_checks import (
     check_config,
+    check_file_roots,
     check_health_port,
     check_model,
     model_setting,
@@ -27,6 +28,7 @@ from consumer.preflight.versions import version_text
 __all__ = [
     "CheckResult",
     "check_config",
+    "check_file_roots",
     "check_health_port",
     "check_model",
     "exit_code",

@@ -34,6 +34,31 @@ def check_config(settings: WorkerSettings, config_file: Path | None = None) -> C
     )
 
 
+# Folders a file:// root should never be: they hold the system's or users' secrets (keys,
+# tokens, /proc/self/environ), not images. Only exact matches: /var/lib/frames is fine.
+_BROAD_FOLDERS = frozenset(
+    ("/", "/etc", "/proc", "/sys", "/dev", "/root", "/home", "/var", "/usr", "/run", "/boot")
+)
+
+
+def check_file_roots(settings: WorkerSettings) -> CheckResult | None:
+    """A WARN when fetch.file_roots opens a system folder to every event; else None."""
+    broad = [
+        str(root)
+        for root in settings.fetch.file_roots
+        if os.path.realpath(root) in _BROAD_FOLDERS or str(root) in _BROAD_FOLDERS
+    ]
+    if not broad:
+        return None
+    return CheckResult(
+        "WARN",
+        "file-roots",
+        f"fetch.file_roots includes {', '.join(broad)}: any event may then read the files "
+        "there that the worker can (keys, tokens, /proc); list only the images' folders",
+        "fetch.file_roots",
+    )
+
+
 # --- 6. model ----------------------------------------------------------------------------
 
 

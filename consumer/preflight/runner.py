@@ -10,7 +10,12 @@ from consumer.config import ConfigError, WorkerSettings, load_settings
 from consumer.preflight.kafka_access import check_group, check_producer
 from consumer.preflight.kafka_probe import KafkaProbe, check_brokers
 from consumer.preflight.kafka_topics import check_topics
-from consumer.preflight.local_checks import check_config, check_health_port, check_model
+from consumer.preflight.local_checks import (
+    check_config,
+    check_file_roots,
+    check_health_port,
+    check_model,
+)
 from consumer.preflight.results import CheckResult, exit_code, format_result, secret_values
 
 
@@ -49,6 +54,8 @@ def run_checks(
     yield config
     if config.status == "FAIL":
         return
+    if (file_roots := check_file_roots(settings)) is not None:
+        yield file_roots
     kafka = KafkaProbe(settings.kafka, timeout_s)
     brokers = check_brokers(kafka)
     yield brokers

@@ -8,17 +8,33 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Protocol
 
+import structlog
 from pydantic import ValidationError
 
 from consumer.config import FetchSettings, describe_validation_error
 from consumer.decode.pool import Decoder, DecoderUnavailableError
 from consumer.errors import EventError, plain_message
 from consumer.fetch.references import fetch_with_retries
+from consumer.stream.duplicate_keys import duplicate_key
 from consumer.stream.records import FailedEvent, InputRecord, Outcome, PreparedEvent
 from schemas import DeadLetter, EmotionResult, FaceEmotion, FrameEvent, Header, result_id_for
 from schemas.results import ResultStatus
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
+log = structlog.get_logger("consumer.stream.stages")
+
+# Results and dead letters are JSON; the header lets generic consumers and tools tell.
+CONTENT_TYPE = ("content-type", b"application/json")
+# Of the input record's headers only the W3C Trace Context ones pass on to its result or
+# dead letter, so a trace continues through the worker. They are a standard with a known
+# meaning; any other header could carry anything (credentials, routing hints meant for
+# someone else) and would reach every reader of the output topics unasked. The dead
+# letter's body still keeps all original headers, for replay.
+TRACE_HEADERS = ("traceparent", "tracestate")
+# Their content is not checked (that is the tracer's business), only bounded: the spec's
+# traceparent is 55 bytes and its tracestate at most 32 entries of 256 characters, but a
+# value past this is far more likely junk than a trace worth the bytes on every output.
+MAX_TRACE_HEADER_BYTES = 512
 
 
 class ScoredFace(Protocol):
@@ -47,7 +63,7 @@ def parse_event(record: InputRecord, max_event_bytes: int) -> FrameEvent:
     try:
         # pydantic's own JSON parser: it has a nesting limit (no RecursionError) and no
         # limit on integer digits to trip over, so any input ends as an EventError.
-        return FrameEvent.model_validate_json(text)
+        event = FrameEvent.model_validate_json(text)
     except ValidationError as exc:
         invalid = [e for e in exc.errors() if e["type"] == "json_invalid"]
         if invalid:
@@ -55,6 +71,16 @@ def parse_event(record: InputRecord, max_event_bytes: int) -> FrameEvent:
         raise EventError("invalid_event", describe_validation_error(exc, source="field")) from exc
     except (RecursionError, ValueError) as exc:  # defence in depth; not seen with pydantic
         raise EventError("not_json", f"event is not UTF-8 JSON: {exc}") from exc
+    # pydantic keeps the last of duplicate keys silently; the scan runs only on events the
+    # schema accepted, so it sees valid JSON of bounded depth, and other errors keep their
+    # kinds and messages.
+    try:
+        duplicate = duplicate_key(text)
+    except (RecursionError, ValueError) as exc:  # defence in depth; the schema bounds both
+        raise EventError("invalid_event", f"event JSON could not be checked: {exc}") from exc
+    if duplicate is not None:
+        raise EventError("invalid_event", duplicate)
+    return event
 
 
 def prepare_event(
@@ -77,6 +103,28 @@ def prepare_event(
     except Exception as exc:  # a bug or a hostile file must not take the worker down
         error = EventError("image_undecodable", f"{type(exc).__name__}: {exc}")
         return FailedEvent.from_error(record, error, event, attempts)
+
+
+def passed_headers(record: InputRecord) -> list[tuple[str, bytes]]:
+    """The input's trace headers to copy onto what it becomes: the first value of each,
+    unless it is over MAX_TRACE_HEADER_BYTES or null."""
+    passed: dict[str, bytes] = {}
+    for key, value in record.headers:
+        if key not in TRACE_HEADERS or key in passed or value is None:
+            continue
+        if len(value) > MAX_TRACE_HEADER_BYTES:
+            log.debug(
+                "trace header dropped: too long",
+                header=key,
+                bytes=len(value),
+                limit=MAX_TRACE_HEADER_BYTES,
+                topic=record.topic,
+                partition=record.partition,
+                offset=record.offset,
+            )
+            continue
+        passed[key] = value
+    return list(passed.items())
 
 
 def encode_result(
@@ -107,7 +155,11 @@ def encode_result(
         key=event.stream_id.encode(),
         value=result.model_dump_json().encode(),
         is_dead_letter=False,
-        headers=[("event_id", event.event_id.encode())],
+        headers=[
+            ("event_id", event.event_id.encode()),
+            CONTENT_TYPE,
+            *passed_headers(prepared.record),
+        ],
         event_id=event.event_id,
         label=status,
         captured_at=event.captured_at,
@@ -138,7 +190,7 @@ def encode_dead_letter(failed: FailedEvent, dead_letter_topic: str) -> Outcome:
         key=record.key,
         value=letter.model_dump_json().encode(),
         is_dead_letter=True,
-        headers=[("error_kind", failed.kind.encode())],
+        headers=[("error_kind", failed.kind.encode()), CONTENT_TYPE, *passed_headers(record)],
         event_id=failed.event_id,
         reason=f"{failed.kind}: {message}",
         label=failed.kind,

@@ -1,4 +1,8 @@
-"""Fault-suite fixtures, and the summary table printed at the end of the run."""
+"""Fault-suite fixtures, and the summary table printed at the end of the run.
+
+The broker modules mark themselves (`pytestmark = pytest.mark.kafka`): a `pytestmark` in
+a conftest.py marks nothing.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,13 @@ import pytest
 from tests.faults.checker import REPORTS, FaultReport, Stream
 from tests.support.http_server import ImageServer
 
-pytestmark = pytest.mark.kafka
-
 
 @pytest.fixture
-def make_stream(kafka_bootstrap: str, topic_factory: Callable[..., str]) -> Callable[..., Stream]:
+def make_stream(
+    kafka_bootstrap: str, topic_factory: Callable[..., str]
+) -> Iterator[Callable[..., Stream]]:
     """make_stream(partitions=3, bootstrap=None) -> fresh input/output/dead-letter topics."""
+    made: list[Stream] = []
 
     def make(partitions: int = 3, bootstrap: str | None = None) -> Stream:
         if bootstrap is None:
@@ -31,11 +36,15 @@ def make_stream(kafka_bootstrap: str, topic_factory: Callable[..., str]) -> Call
             frames, out, dead = (f"frames-{suffix}", f"emotions-{suffix}", f"dead-{suffix}")
             ensure_topics(bootstrap, [frames, out], partitions=partitions)
             ensure_topics(bootstrap, [dead], partitions=1)
-        return Stream(
+        stream = Stream(
             bootstrap or kafka_bootstrap, frames, out, dead, partitions, group=f"group-{frames}"
         )
+        made.append(stream)
+        return stream
 
-    return make
+    yield make
+    for stream in made:
+        stream.close()
 
 
 @pytest.fixture

@@ -2,7 +2,8 @@
 
 A real GPU batch that slow cannot be had on the CPU-only CI machines, so the fault suite
 runs the real worker through this wrapper, which only adds a sleep to each classify call
-(FAULT_BATCH_DELAY_S seconds). Everything else is the production code.
+(FAULT_BATCH_DELAY_S seconds) and logs "slow batch" with how long the call took, so the
+test can tell that the delay really ran. Everything else is the production code.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import structlog
+
 from consumer.cli import main
 from consumer.engine import EmotionEngine
 
@@ -22,9 +25,16 @@ _warming = {"done": False}
 
 
 def _slow_classify(self: EmotionEngine, faces: Sequence[Any]) -> Any:
-    if _warming["done"]:
-        time.sleep(_delay_s)
-    return _real_classify(self, faces)
+    if not _warming["done"]:
+        return _real_classify(self, faces)
+    started = time.monotonic()
+    time.sleep(_delay_s)
+    scores = _real_classify(self, faces)
+    took_s = round(time.monotonic() - started, 3)
+    structlog.get_logger("tests.faults.slow_worker").info(
+        "slow batch", faces=len(faces), delay_s=_delay_s, took_s=took_s
+    )
+    return scores
 
 
 def _warm_up(self: EmotionEngine) -> None:

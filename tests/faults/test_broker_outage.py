@@ -11,8 +11,10 @@ import pytest
 from deploy.kafka.local_broker import LocalKafkaBroker, free_port
 from schemas import EmotionResult
 from tests.faults.checker import Stream
-from tests.support.kafka import end_offsets, read
+from tests.support.kafka import end_offsets, read_to_end
 from tests.support.worker import WorkerProcess
+
+pytestmark = pytest.mark.kafka
 
 RETRY_WINDOW_MS = 4000
 
@@ -28,9 +30,7 @@ def own_broker(tmp_path: Path) -> Iterator[LocalKafkaBroker]:
 
 def _covered_below_committed(stream: Stream) -> list[str]:
     """Offsets below a committed offset that have no result: commits past unacked work."""
-    records = read(
-        stream.bootstrap, stream.output_topic, expected=len(stream.sent), timeout_s=10, idle_s=1.0
-    )
+    records = read_to_end(stream.bootstrap, stream.output_topic)
     have = {
         (r.source.partition, r.source.offset)
         for r in (EmotionResult.model_validate_json(x.value) for x in records)
@@ -62,11 +62,12 @@ def test_broker_outage_longer_than_retry_window(
         fetch__threads="1",
     )
     worker = start_worker(**settings)
-    read(stream.bootstrap, stream.output_topic, expected=40, timeout_s=90)
+    stream.wait_for_results(40, timeout_s=90)
     own_broker.stop(keep_data=True)
     time.sleep(RETRY_WINDOW_MS / 1000 * 2)  # well past the producer's retry window
     code = worker.proc.wait(60)  # results it could not deliver end the worker
     own_broker.start()
+    stream.mark_fault("the failed worker")  # nothing below its commits may come out again
     assert code == 1, worker.log_text()[-3000:]
     failure = [e for e in worker.log_events() if e.get("event") == "worker failing"]
     assert failure and "not delivered" in str(failure[0]["reason"])

@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 
 from tests.faults.checker import Stream
-from tests.support.kafka import end_offsets, read
+from tests.support.kafka import commit_progress, end_offsets
 from tests.support.worker import WorkerProcess
+
+pytestmark = pytest.mark.kafka
 
 EVENTS = 300
 MAX_IN_FLIGHT = 32
@@ -26,13 +28,25 @@ def _run_with_kills(
     kills: int,
     seed: int,
 ) -> int:
-    """Start, SIGKILL at a random moment after the worker joined, repeat; then finish."""
+    """Start, SIGKILL at a random moment after the worker joined, repeat; then finish.
+
+    Before each kill the group's committed offsets must have moved past those of the
+    previous kill while the worker ran: commits happen during processing, not only at a
+    shutdown that a SIGKILL never lets come. Each kill is recorded with the offsets the
+    killed worker had committed, for the checker's "dup below commit".
+    """
     rng = random.Random(seed)
     for number in range(kills):
         worker = start_worker(**settings)
         worker.wait_for_log("partitions assigned", timeout_s=90)
         time.sleep(rng.uniform(0.5, 2.5))
+        before = stream.last_commit()
+        seen = stream.wait_for_commit_progress(running=worker.running)
         worker.kill()
+        fault = stream.mark_fault(f"kill {number + 1}")
+        assert commit_progress(before, fault.committed) > 0, (before, fault.committed)
+        assert all(fault.committed[p] >= seen[p] for p in seen), (seen, fault.committed)
+        print(f"kill {number + 1}: committed {before} -> {dict(fault.committed)}")
         if stream.distinct_so_far() >= len(stream.sent):
             pytest.fail(f"kill {number + 1} came after the stream finished; it proved nothing")
     last = start_worker(**settings)
@@ -60,9 +74,11 @@ def test_repeated_sigkill_loses_nothing(
         **PACE,
     )
     kills = _run_with_kills(stream, start_worker, settings, kills=3, seed=7)
-    report = stream.report("1. SIGKILL x3 at random moments", note=f"{kills} kills")
-    assert report.missing == 0
-    # What a kill can re-deliver: in flight, plus done but not yet committed.
+    note = f"{kills} kills; committed {stream.commits_at_faults()}"
+    report = stream.report("1. SIGKILL x3 at random moments", note=note)
+    assert report.missing == 0 and report.dup_below_commit == 0
+    # What a kill can re-deliver: in flight, plus done but not yet committed (loose; the
+    # report's "dup below commit" is the precise check: none below the commit at a kill).
     bound = kills * (2 * MAX_IN_FLIGHT + COMMIT_EVERY)
     assert report.duplicates <= bound, f"{report.duplicates} duplicates > bound {bound}"
     assert report.order_violations == 0
@@ -79,8 +95,9 @@ def test_sigterm_mid_stream_drains_without_duplicates(
     stream.publish(face_paths, EVENTS, image_url=paced_images)
     settings = stream.settings(**PACE)
     first = start_worker(**settings)
-    read(stream.bootstrap, stream.output_topic, expected=40, timeout_s=60)
+    stream.wait_for_results(40, timeout_s=60)
     assert first.stop() == 0, first.log_text()[-3000:]  # SIGTERM: drain, flush, commit
+    stream.mark_fault("SIGTERM")
     stopped = [e for e in first.log_events() if e.get("event") == "worker stopped"]
     assert stopped and stopped[0]["unfinished"] == 0
     assert stream.distinct_so_far() < EVENTS, "the stream finished before SIGTERM"
@@ -111,8 +128,10 @@ def test_exactly_once_with_repeated_sigkills(
         **PACE,
     )
     kills = _run_with_kills(stream, start_worker, settings, kills=3, seed=11)
-    report = stream.report("7. exactly-once, SIGKILL x3", note=f"{kills} kills, read_committed")
+    note = f"{kills} kills; committed {stream.commits_at_faults()}"
+    report = stream.report("7. exactly-once, SIGKILL x3", note=note)
     assert report.missing == 0
     assert report.duplicates == 0
-    assert report.results == report.produced
+    assert report.results + report.dead_letters == report.produced == report.distinct
     assert report.order_violations == 0
+    assert stream.committed() == end_offsets(stream.bootstrap, stream.input_topic, 3)

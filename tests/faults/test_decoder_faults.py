@@ -6,10 +6,14 @@ import base64
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.faults.checker import Stream
 from tests.support.events import event_bytes
 from tests.support.kafka import end_offsets
 from tests.support.worker import WorkerProcess
+
+pytestmark = pytest.mark.kafka
 
 
 def test_decoder_crashes_and_hangs_cost_one_event_each(

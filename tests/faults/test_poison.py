@@ -9,6 +9,7 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from tests.faults.checker import Stream
@@ -16,6 +17,8 @@ from tests.support.events import event_bytes
 from tests.support.http_server import ImageServer
 from tests.support.kafka import end_offsets
 from tests.support.worker import WorkerProcess
+
+pytestmark = pytest.mark.kafka
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:

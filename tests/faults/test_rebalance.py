@@ -3,16 +3,21 @@ max.poll.interval.ms."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.faults.checker import Stream
-from tests.support.kafka import end_offsets, read
+from tests.support.kafka import end_offsets
 from tests.support.worker import WorkerProcess
 
+pytestmark = pytest.mark.kafka
+
 PACE = {"batch__max_batch_size": "4", "fetch__threads": "1", "batch__max_wait_ms": "5"}
+BATCH_DELAY_S = 6.5
+MAX_POLL_INTERVAL_MS = 6000
 
 
 def commits_outside_ownership(worker: WorkerProcess) -> list[str]:
@@ -49,7 +54,7 @@ def test_worker_joins_and_leaves_mid_stream(
         **PACE,
     )
     first = start_worker(**settings)
-    read(stream.bootstrap, stream.output_topic, expected=30, timeout_s=60)
+    stream.wait_for_results(30, timeout_s=60)
     second = start_worker(**settings)  # joins: cooperative-sticky moves some partitions
     # More events while the second worker loads its model: on a busy machine its start
     # alone can take as long as the first 600 events, and it must leave mid-stream.
@@ -86,16 +91,22 @@ def test_model_step_slower_than_max_poll_interval(
     stream.publish(face_paths, 8)
     # Each batch of 4 takes 6.5 s, longer than max.poll.interval.ms = 6 s (6 s is also the
     # broker's default minimum session timeout, which caps how low both can go).
-    monkeypatch.setenv("FAULT_BATCH_DELAY_S", "6.5")
+    monkeypatch.setenv("FAULT_BATCH_DELAY_S", str(BATCH_DELAY_S))
     settings = stream.settings(
         batch__max_batch_size="4",
         batch__max_wait_ms="500",
-        kafka__consumer_config='{"max.poll.interval.ms": 6000, "session.timeout.ms": 6000}',
+        kafka__consumer_config=json.dumps(
+            {"max.poll.interval.ms": MAX_POLL_INTERVAL_MS, "session.timeout.ms": 6000}
+        ),
     )
     worker = start_worker(module="tests.faults.slow_worker", **settings)
     stream.results(timeout_s=120, idle_s=0.5)
     assert worker.stop() == 0, worker.log_text()[-3000:]
-    report = stream.report("5. batch > max.poll.interval.ms", note="6.5 s batches, 6 s limit")
+    slow = [e for e in worker.log_events() if e.get("event") == "slow batch"]
+    took = ", ".join(f"{float(str(e['took_s'])):.1f}" for e in slow)
+    report = stream.report(
+        "5. batch > max.poll.interval.ms", note=f"batches took {took} s; 6 s limit"
+    )
     log = worker.log_text()
     assert "maximum poll interval" not in log.lower()
     events = [e.get("event") for e in worker.log_events()]
@@ -103,3 +114,11 @@ def test_model_step_slower_than_max_poll_interval(
     assert events.count("partitions assigned") == 1  # never evicted and re-joined
     assert "partitions lost" not in events
     assert report.missing == 0 and report.duplicates == 0
+
+    # The delay really ran: every batch of the 8 events (at most 4 each) took longer than
+    # max.poll.interval.ms, by the wrapper's own clock and by the results' timestamps.
+    assert sum(int(str(e["faces"])) for e in slow) == 8, slow
+    assert len(slow) >= 2, slow
+    assert all(float(str(e["took_s"])) * 1000 > MAX_POLL_INTERVAL_MS for e in slow), slow
+    stamps = sorted(r.timestamp_ms for r in stream.result_records())
+    assert stamps[-1] - stamps[0] > MAX_POLL_INTERVAL_MS, stamps  # batches one after another

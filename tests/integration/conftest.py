@@ -1,4 +1,8 @@
-"""Fixtures for tests against the real broker."""
+"""Fixtures for tests against the real broker.
+
+Each module that needs the broker marks itself (`pytestmark = pytest.mark.kafka`): a
+`pytestmark` here would mark nothing.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,6 @@ import pytest
 
 from deploy.kafka.local_broker import LocalKafkaBroker, SaslUser
 from tests.conftest import FER_FACES
-
-pytestmark = pytest.mark.kafka
 
 
 @pytest.fixture

@@ -6,10 +6,14 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from schemas import DeadLetter, EmotionResult
 from tests.support.events import event_bytes
 from tests.support.http_server import ImageServer
 from tests.support.kafka import committed, end_offsets, produce, read
+
+pytestmark = pytest.mark.kafka
 
 
 def test_malformed_events_become_dead_letters(
@@ -26,6 +30,7 @@ def test_malformed_events_become_dead_letters(
     good = [event_bytes(p) for p in face_paths[:20]]
     key, valid = event_bytes(face_paths[0])
     valid_json = json.loads(valid)
+    missing_image = junk_files["face"].parent / "no-such-face.png"
 
     with ImageServer(junk_files["face"].parent) as server:
         bad: list[tuple[bytes, str, str]] = [
@@ -52,10 +57,15 @@ def test_malformed_events_become_dead_letters(
                 "event_too_large",
                 "max_event_bytes",
             ),
-            (
-                event_bytes(junk_files["face"], image="file:///no/such/face.png")[1],
+            (  # missing, in a folder of fetch.file_roots
+                event_bytes(junk_files["face"], image=missing_image.as_uri())[1],
                 "image_not_found",
-                "/no/such/face.png",
+                str(missing_image),
+            ),
+            (  # outside fetch.file_roots: refused, the message names the setting
+                event_bytes(junk_files["face"], image="file:///no/such/face.png")[1],
+                "image_fetch_refused",
+                "fetch.file_roots",
             ),
             (event_bytes(junk_files["garbage"])[1], "image_undecodable", "cannot be decoded"),
             (event_bytes(junk_files["text"])[1], "image_undecodable", "cannot be decoded"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,6 +12,9 @@ import pytest
 from schemas import EmotionResult, result_id_for
 from tests.support.events import event_bytes
 from tests.support.kafka import committed, end_offsets, produce, read
+from tests.support.worker import WorkerProcess
+
+pytestmark = pytest.mark.kafka
 
 PARTITIONS = 3
 
@@ -56,7 +60,10 @@ def test_every_event_gets_exactly_one_result(
         assert face.label == max(face.scores, key=lambda k: face.scores[k])
         seen.add(coord)
     assert seen == set(sent)
-    assert read(kafka_bootstrap, dead, expected=1, timeout_s=2) == []
+    # The worker has stopped: its topics' high watermarks say all it ever wrote, with no
+    # wait involved. Nothing dead-lettered, and no result beyond the N read (a duplicate).
+    assert end_offsets(kafka_bootstrap, dead, 1) == {0: 0}
+    assert sum(end_offsets(kafka_bootstrap, results_topic, PARTITIONS).values()) == count
     ends = end_offsets(kafka_bootstrap, frames, PARTITIONS)
     assert committed(kafka_bootstrap, group, frames, PARTITIONS) == ends
     assert sum(ends.values()) == count and min(ends.values()) > 0
@@ -136,3 +143,52 @@ def test_shipped_model_through_kafka_scores_held_out_faces_as_the_engine_does(
     # Balanced over the classes (20 each), so this is about the model's macro recall, 0.51
     # on the whole split; these 140 faces measured 0.479. Chance is 1/7.
     assert correct / len(faces) >= 0.42, f"{correct} of {len(faces)} correct"
+
+
+def test_trace_context_and_content_type_reach_results_and_dead_letters(
+    kafka_bootstrap: str,
+    topic_factory: Callable[..., str],
+    start_worker: Callable[..., WorkerProcess],
+    face_paths: list[Path],
+) -> None:
+    """Through the real client: an event's W3C trace headers are on its result or dead
+    letter, with content-type; no other input header is."""
+    from confluent_kafka import Consumer, Producer
+
+    frames, results_topic, dead = (topic_factory(n, 1) for n in ("frames", "emotions", "dead"))
+    trace = [
+        ("traceparent", b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ("tracestate", b"rojo=00f067aa0ba902b7"),
+    ]
+    key, good = event_bytes(face_paths[0])
+    producer = Producer({"bootstrap.servers": kafka_bootstrap})
+    for value in (good, b"{not json"):
+        producer.produce(frames, value, key=key, headers=[("authorization", b"Bearer x"), *trace])
+    assert producer.flush(30) == 0
+    worker = start_worker(
+        kafka__input_topic=frames,
+        kafka__output_topic=results_topic,
+        kafka__dead_letter_topic=dead,
+        kafka__group_id=f"group-{frames}",
+    )
+    reader = Consumer(
+        {
+            "bootstrap.servers": kafka_bootstrap,
+            "group.id": f"reader-{frames}",
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+        }
+    )
+    reader.subscribe([results_topic, dead])
+    headers: dict[str, object] = {}
+    deadline = time.monotonic() + 120
+    while len(headers) < 2 and time.monotonic() < deadline:
+        msg = reader.poll(0.5)
+        if msg is not None and not msg.error():
+            headers[str(msg.topic())] = msg.headers()
+    reader.close()
+    assert worker.stop() == 0, worker.log_text()[-3000:]
+    event_id = json.loads(good)["event_id"].encode()
+    json_type = ("content-type", b"application/json")
+    assert headers.get(results_topic) == [("event_id", event_id), json_type, *trace]
+    assert headers.get(dead) == [("error_kind", b"not_json"), json_type, *trace]

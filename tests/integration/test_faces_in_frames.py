@@ -7,12 +7,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 from skimage import data
 
 from schemas import EmotionResult, FaceBox
 from tests.support.events import event_bytes
 from tests.support.kafka import produce, read
+
+pytestmark = pytest.mark.kafka
 
 # The astronaut photograph that ships in scikit-image, and its face (hand-labelled).
 FACE = (182, 76, 269, 184)

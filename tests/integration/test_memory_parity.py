@@ -23,7 +23,7 @@ from consumer.stream.memory_broker import MemoryBroker
 from consumer.stream.worker import Worker
 from tests.support.events import event_bytes
 from tests.support.kafka import committed, end_offsets, produce, read
-from tests.unit.test_worker_in_memory import FACES, StubEngine, worker_settings
+from tests.unit.test_worker_in_memory import FACES, FACES_DIR, StubEngine, worker_settings
 
 pytestmark = pytest.mark.kafka
 
@@ -43,7 +43,8 @@ def _events() -> list[tuple[bytes | None, bytes]]:
     ]
     key, _ = events[10]
     events[10] = (key, b"{not json")
-    events[41] = event_bytes(FACES[0], image="file:///no/such/face.png")
+    # Missing, in a folder the worker may read (fetch.file_roots): image_not_found.
+    events[41] = event_bytes(FACES[0], image=(FACES_DIR / "no-such-face.png").as_uri())
     return events
 
 

@@ -15,6 +15,8 @@ from tests.support.events import event_bytes
 from tests.support.kafka import produce, read
 from tests.support.worker import WorkerProcess
 
+pytestmark = pytest.mark.kafka
+
 
 def get(url: str) -> tuple[int, str]:
     try:
@@ -57,7 +59,8 @@ def test_metrics_count_what_the_worker_did(
 ) -> None:
     frames, out, dead = (topic_factory(n, 1) for n in ("frames", "emotions", "dead"))
     good = [event_bytes(p) for p in face_paths[:30]]
-    missing = event_bytes(face_paths[0], image="file:///no/such/face.png")
+    # Missing, in a folder the worker may read (fetch.file_roots): image_not_found.
+    missing = event_bytes(face_paths[0], image=(face_paths[0].parent / "no-such.png").as_uri())
     poison = [(b"k", b"{not json"), (b"k", b"\xff"), missing]
     produce(kafka_bootstrap, frames, good + poison)
     worker = start_worker(

@@ -24,10 +24,11 @@ Cases
 -----
 test_events.py
     event_too_large; deep nesting (lists, objects); huge integer literals; not UTF-8
-    (invalid bytes, UTF-16, UTF-32, UTF-8 BOM); NaN / Infinity; duplicate keys (the last
-    wins, everywhere); unknown schemes (ftp, gopher, javascript, jar, ...) -> invalid_event;
-    hypothesis fuzz of parse_event over arbitrary bytes and over JSON-ish events (only
-    EventError escapes, accepted events round-trip).
+    (invalid bytes, UTF-16, UTF-32, UTF-8 BOM); NaN / Infinity; duplicate keys at any
+    depth, also spelt with escapes -> invalid_event naming the key and its path (a
+    duplicate inside a string is none); unknown schemes (ftp, gopher, javascript, jar,
+    ...) -> invalid_event; hypothesis fuzz of parse_event over arbitrary bytes and over
+    JSON-ish events (only EventError escapes, accepted events round-trip).
 test_hostile_files.py (file:// under fetch.file_roots)
     zero-byte, truncated PNG / JPEG -> image_undecodable; declared-dimension bombs (PNG
     100000x100000, JPEG, GIF, BMP headers), a real 20000x20000 1-bit palette PNG of ~60 KB,
@@ -55,9 +56,10 @@ test_ssrf.py
     connection (the first hop); redirect loops -> image_fetch_failed; image URLs naming
     loopback, metadata or private addresses in decimal, octal, hex, short, fullwidth and
     circled-digit forms, IPv6 forms and names that resolve there -> image_fetch_refused
-    with no connection; userinfo -> refused before any lookup; file:// escapes (.., %2e%2e,
-    symlinked file and folder, file://localhost/, /proc, a sibling with the root's prefix)
-    -> image_fetch_refused; a FIFO inside the roots, and paths that fail with other OS
+    with no connection; userinfo -> refused before any lookup; any file:// without
+    fetch.file_roots (the default), and file:// escapes (.., %2e%2e, symlinked file and
+    folder, file://localhost/, /proc, a sibling with the root's prefix) ->
+    image_fetch_refused; a FIFO inside the roots, and paths that fail with other OS
     errors (NUL, ENOTDIR, ELOOP, ENAMETOOLONG).
 test_fuzz_decode.py
     hypothesis mutations (bit flips, byte sets, truncation, splices, big-endian/little-

@@ -48,9 +48,11 @@ TIMEOUT_S = 2.0  # fetch.timeout_s: the whole fetch
 READ_TIMEOUT_S = 1.0  # fetch.read_timeout_s: the longest silence
 CONNECT_TIMEOUT_S = 1.0
 DECODE_TIMEOUT_S = 5.0  # decode.timeout_s
-# Added to every time bound: two slow shared cores, a loaded CI box.
-SLACK_S = 2.0
-FETCH_BOUND_S = TIMEOUT_S + SLACK_S
+# Upper time bounds are hang limits, HANG_FACTOR times the deadline they guard: two slow
+# shared cores must never fail them, and tests do not measure speed. That a deadline held
+# is shown by the lower bounds and the error messages.
+HANG_FACTOR = 5
+FETCH_BOUND_S = HANG_FACTOR * TIMEOUT_S
 MAX_BYTES = 4 << 20  # fetch.max_bytes
 MAX_PIXELS = 4_000_000  # fetch.max_pixels (the decoder's)
 MAX_EVENT_BYTES = FlowSettings().max_event_bytes  # the default, 64 KiB

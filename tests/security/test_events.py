@@ -177,21 +177,95 @@ def test_too_many_faces_are_invalid() -> None:
     assert parse_kind(event_value("file:///x.png", faces)) == "invalid_event"
 
 
+EVENT_HEAD = b'{"event_id": "e", "stream_id": "s", "captured_at": "2026-01-01T00:00:00Z", '
+BOX = b'{"x": 0, "y": 0, "width": 1, "height": 1}'
+
+
+def duplicate_message(value: bytes) -> str:
+    with pytest.raises(EventError) as info:
+        parse_event(record(value), MAX_EVENT_BYTES)
+    assert info.value.kind == "invalid_event", info.value.message
+    return info.value.message
+
+
 @pytest.mark.parametrize(
-    "first_then_last", [("file:///a.png", "ftp://evil/x"), ("ftp://x", "file:///b")]
+    "first_then_last",
+    [
+        ("s3://bucket/ok.png", "file:///etc/shadow"),  # both valid: the smuggling case
+        ("file:///a.png", "ftp://evil/x"),
+        ("ftp://x", "file:///b"),
+    ],
 )
-def test_duplicate_keys_the_last_one_counts_everywhere(first_then_last: tuple[str, str]) -> None:
+def test_a_duplicate_key_is_refused_whichever_value_is_valid(
+    first_then_last: tuple[str, str],
+) -> None:
+    """Parsers disagree on which duplicate wins, so an upstream check and the worker could
+    see different images: neither is taken."""
     first, last = first_then_last
-    value = (
-        b'{"event_id": "e", "stream_id": "s", "captured_at": "2026-01-01T00:00:00Z", '
-        + f'"image": "{first}", "image": "{last}"}}'.encode()
+    value = EVENT_HEAD + f'"image": "{first}", "image": "{last}"}}'.encode()
+    # A last value the schema refuses is reported as such (the scan runs after the
+    # schema): either way the event is invalid_event and the message names the field.
+    message = duplicate_message(value)
+    assert "image" in message
+    if not last.startswith("ftp:"):
+        assert message.startswith('event JSON names the key "image" twice'), message
+
+
+def test_the_message_names_the_key_and_its_path() -> None:
+    top = EVENT_HEAD + b'"image": "s3://bucket/k.png", "stream_id": "t"}'
+    assert duplicate_message(top).startswith(
+        'event JSON names the key "stream_id" twice (at stream_id)'
     )
-    assert json.loads(value)["image"] == last  # the pre-check and the schema agree
-    if last.startswith("ftp:"):
-        assert parse_kind(value) == "invalid_event"
-    else:
-        event = parse_event(record(value), MAX_EVENT_BYTES)
-        assert event.image == last
+    nested = (
+        EVENT_HEAD
+        + b'"image": "s3://bucket/k.png", "faces": ['
+        + BOX
+        + b', {"x": 0, "y": 0, "x": 900, "width": 1, "height": 1}]}'
+    )
+    message = duplicate_message(nested)
+    assert message.startswith('event JSON names the key "x" twice (at faces[1].x)'), message
+
+
+def test_keys_spelt_with_escapes_are_still_duplicates() -> None:
+    # "\u0069mage" is "image": a byte-level scan would miss it, a JSON decoder does not.
+    value = EVENT_HEAD + b'"image": "s3://bucket/k.png", "\\u0069mage": "file:///etc/shadow"}'
+    assert '"image" twice' in duplicate_message(value)
+
+
+def test_a_duplicate_inside_a_string_is_no_duplicate() -> None:
+    quoted = json.dumps('{"image": "a", "image": "b"}')  # JSON text as an id: just characters
+    value = (
+        b'{"event_id": '
+        + quoted.encode()
+        + b', "stream_id": "s", "captured_at": "2026-01-01T00:00:00Z", '
+        + b'"image": "s3://bucket/k.png", "faces": ['
+        + BOX
+        + b", "
+        + BOX
+        + b"]}"
+    )
+    event = parse_event(record(value), MAX_EVENT_BYTES)
+    assert event.event_id == '{"image": "a", "image": "b"}'
+    assert len(event.faces or []) == 2  # equal objects side by side are no duplicate either
+
+
+def test_other_errors_keep_their_kind_and_message_when_keys_repeat() -> None:
+    # The schema's verdict comes first; the duplicate scan only sees events it accepted.
+    value = EVENT_HEAD + b'"image": "ftp://x", "image": "ftp://y", "colour": 1}'
+    with pytest.raises(EventError) as info:
+        parse_event(record(value), MAX_EVENT_BYTES)
+    assert info.value.kind == "invalid_event" and "colour" in info.value.message
+    assert parse_kind(b'{"a": 1, "a": [' + b"[" * 5000 + b"]" * 5000 + b"]}") in (
+        "not_json",
+        "invalid_event",
+    )
+
+
+def test_a_duplicate_key_becomes_a_dead_letter(decoder: ProcessDecoder) -> None:
+    value = EVENT_HEAD + b'"image": "s3://bucket/k.png", "faces": [' + BOX[:-1] + b', "y": 3}]}'
+    run = run_value(value, SETTINGS, decoder)
+    failed = expect_failed(run, "invalid_event", within_s=PARSE_BOUND_S)
+    assert "(at faces[0].y)" in failed.message and failed.event_id is None
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,13 @@ from consumer.config import FaceSettings
 from consumer.decode.decoding import Cropped
 from consumer.decode.pool import InlineDecoder, ProcessDecoder
 from consumer.errors import EventError
-from tests.security.conftest import DECODE_KINDS, DECODE_TIMEOUT_S, MAX_PIXELS, SLACK_S, encode
+from tests.security.conftest import (
+    DECODE_KINDS,
+    DECODE_TIMEOUT_S,
+    HANG_FACTOR,
+    MAX_PIXELS,
+    encode,
+)
 
 
 def _gradient(size: tuple[int, int]) -> Image.Image:
@@ -76,7 +82,7 @@ def _size_fields(data: bytes) -> list[tuple[int, str]]:
 
 SIZE_FIELDS = {name: _size_fields(data) for name, data in SEEDS.items()}
 INLINE = InlineDecoder(FaceSettings(), MAX_PIXELS)
-EXAMPLE_BOUND_S = DECODE_TIMEOUT_S + SLACK_S
+EXAMPLE_BOUND_S = HANG_FACTOR * DECODE_TIMEOUT_S
 
 
 @st.composite

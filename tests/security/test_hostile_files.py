@@ -23,9 +23,9 @@ from consumer.stream.records import PreparedEvent
 from tests.security import conftest as security_conftest
 from tests.security.conftest import (
     DECODE_TIMEOUT_S,
+    HANG_FACTOR,
     MAX_BYTES,
     MEMORY_BOUND_MB,
-    SLACK_S,
     encode,
     expect_failed,
     expect_ok,
@@ -37,7 +37,7 @@ from tests.security.conftest import (
     run_event,
 )
 
-DECODE_BOUND_S = DECODE_TIMEOUT_S + SLACK_S
+DECODE_BOUND_S = HANG_FACTOR * DECODE_TIMEOUT_S
 QUICK_S = 3.0  # refusing by the header, or decoding a tiny image, is quick
 
 

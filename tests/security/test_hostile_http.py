@@ -1,7 +1,8 @@
 """Hostile HTTP servers (scripted, on 127.0.0.1): slow, silent, endless, lying and malformed.
 
 Time bounds follow from the settings in conftest: fetch.timeout_s = 2 s bounds a whole
-fetch, fetch.read_timeout_s = 1 s any one silence, plus SLACK_S for slow CI.
+fetch, fetch.read_timeout_s = 1 s any one silence; upper bounds are hang limits of
+HANG_FACTOR (5) times them.
 """
 
 from __future__ import annotations
@@ -17,10 +18,10 @@ from consumer.decode.pool import ProcessDecoder
 from consumer.stream.records import PreparedEvent
 from tests.security.conftest import (
     FETCH_BOUND_S,
+    HANG_FACTOR,
     MAX_BYTES,
     READ_TIMEOUT_S,
     SETTINGS,
-    SLACK_S,
     TIMEOUT_S,
     Handler,
     Peer,
@@ -37,7 +38,7 @@ Serve = Callable[..., RawServer]
 PNG_TYPE = (("Content-Type", "image/png"),)
 # Buffering max_bytes (4 MiB) is the honest price of a fetch; an unbounded one is GBs.
 FETCH_MEMORY_MB = 64.0
-SILENCE_BOUND_S = READ_TIMEOUT_S + SLACK_S
+SILENCE_BOUND_S = HANG_FACTOR * READ_TIMEOUT_S
 
 
 def png(colour: tuple[int, int, int] = (255, 0, 0), size: tuple[int, int] = (8, 8)) -> bytes:
@@ -157,7 +158,7 @@ def test_retries_multiply_only_the_silence(serve: Serve, decoder: ProcessDecoder
     server = serve(silent)
     settings = SETTINGS.model_copy(update={"retries": 2, "read_timeout_s": 0.5})
     run = run_event(f"{server.url}/face.png", settings, decoder)
-    failed = expect_failed(run, "image_fetch_failed", within_s=3 * 0.5 + SLACK_S)
+    failed = expect_failed(run, "image_fetch_failed", within_s=HANG_FACTOR * 3 * 0.5)
     assert failed.fetch_attempts == 3 and server.connections == 3
 
 

@@ -240,11 +240,22 @@ def test_files_outside_the_roots_are_refused(
     assert "fetch.file_roots" in failed.message
 
 
+@pytest.mark.parametrize("path", ["{root}/in.png", "/etc/passwd", "/proc/self/environ"])
+def test_without_file_roots_every_file_is_refused(
+    path: str, tree: tuple[Path, Path, FetchSettings], decoder: ProcessDecoder
+) -> None:
+    root, _, _ = tree
+    assert SETTINGS.file_roots == ()  # the default
+    run = run_event(file_uri(path.format(root=root)), SETTINGS, decoder)
+    failed = expect_failed(run, "image_fetch_refused", within_s=QUICK_S)
+    assert "fetch.file_roots is empty" in failed.message
+
+
 FIFO_BUG = (
     "consumer/fetch/local.py read_file: a FIFO (or any non-regular file) inside fetch.file_roots "
     "blocks path.open('rb') forever: no timeout applies to file:// reads, so each such event "
     "takes a fetch thread for good and fetch.threads of them stop the worker (and the "
-    "partition's in-order output). With file_roots unset (the default) any FIFO or "
+    "partition's in-order output). With file_roots unset (then: any path) any FIFO or "
     "/proc/self/fd/N pipe on the host works. Fix: os.open(path, O_RDONLY | O_NONBLOCK), "
     "fstat, and refuse anything but S_ISREG (image_not_found or image_fetch_refused) "
     "before reading."

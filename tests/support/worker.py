@@ -44,6 +44,9 @@ class WorkerProcess:
                     continue
         return events
 
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
 

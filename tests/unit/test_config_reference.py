@@ -84,7 +84,7 @@ def test_types_and_constraints_are_rendered() -> None:
     assert "249" in _row("kafka.group_instance_id")[1]
     assert _row("kafka.common_config")[1].startswith("table of str")
     assert _row("fetch.allow_hosts")[1] == "list of str"
-    assert _row("fetch.file_roots")[1] == "optional list of path"
+    assert _row("fetch.file_roots")[1] == "list of path"
     assert _row("processes.devices")[1] == "one of: single, auto; or list of str"
 
 

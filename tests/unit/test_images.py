@@ -80,7 +80,7 @@ def test_exif_orientation_is_applied() -> None:
 
 
 def test_file_fetch_and_errors(tmp_path: Path) -> None:
-    settings = FetchSettings(max_bytes=1024)
+    settings = FetchSettings(max_bytes=1024, file_roots=(tmp_path,))
     small = tmp_path / "a b.png"
     small.write_bytes(b"x" * 100)
     assert fetch_bytes(small.as_uri(), settings) == b"x" * 100  # %20 in the URI is unquoted

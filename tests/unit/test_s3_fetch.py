@@ -434,7 +434,7 @@ def test_stall_late_in_the_body_is_cut_off_at_timeout_s(scripted: str) -> None:
     took = time.monotonic() - started
     assert error.kind == "image_fetch_failed" and error.retriable
     assert uri in error.message and "fetch.timeout_s=2.0" in error.message
-    assert 1.9 < took < 2.9
+    assert 1.9 < took < 5 * 2.0  # a hang limit, not a speed figure
 
 
 # --- settings and event validation ---------------------------------------------------------

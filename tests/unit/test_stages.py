@@ -53,7 +53,7 @@ def test_parse_event_errors(value: bytes, kind: str, words: str) -> None:
 
 def test_prepare_turns_fetch_errors_into_failed_events(tmp_path: Path) -> None:
     event = FrameEvent.model_validate_json(event_json(image=(tmp_path / "x.png").as_uri()))
-    outcome = prepare_event(record(b"{}"), event, FetchSettings(), DECODER)
+    outcome = prepare_event(record(b"{}"), event, FetchSettings(file_roots=(tmp_path,)), DECODER)
     assert isinstance(outcome, FailedEvent)
     assert outcome.kind == "image_not_found" and outcome.event_id == "e1"
 
@@ -70,7 +70,7 @@ def test_prepare_crops_event_boxes(tmp_path: Path) -> None:
             ],
         )
     )
-    outcome = prepare_event(record(b"{}"), event, FetchSettings(), DECODER)
+    outcome = prepare_event(record(b"{}"), event, FetchSettings(file_roots=(tmp_path,)), DECODER)
     assert isinstance(outcome, PreparedEvent)
     assert [c.size for c in outcome.crops] == [(50, 50), (40, 40)]
     assert all(c.mode == "RGB" for c in outcome.crops)
@@ -87,7 +87,7 @@ def test_encode_result_points_back_at_its_source(tmp_path: Path) -> None:
     path = tmp_path / "f.png"
     Image.new("L", (48, 48)).save(path)
     event = FrameEvent.model_validate_json(event_json(image=path.as_uri()))
-    prepared = prepare_event(record(b"{}"), event, FetchSettings(), DECODER)
+    prepared = prepare_event(record(b"{}"), event, FetchSettings(file_roots=(tmp_path,)), DECODER)
     assert isinstance(prepared, PreparedEvent)
     outcome = encode_result(
         prepared, [Scores("sad", 0.6, {"sad": 0.6, "happy": 0.4})], "tiny", "emotions"
@@ -128,7 +128,9 @@ def test_garbage_image_dead_letter_says_why_without_object_addresses(
     settings = DecodeSettings(isolation=isolation, workers=1)  # type: ignore[arg-type]
     decoder = make_decoder(settings, FaceSettings(), 10_000_000, 1 << 20)
     try:
-        outcome = prepare_event(record(b"{}"), event, FetchSettings(), decoder)
+        outcome = prepare_event(
+            record(b"{}"), event, FetchSettings(file_roots=(tmp_path,)), decoder
+        )
     finally:
         decoder.close()
     assert isinstance(outcome, FailedEvent)

@@ -35,7 +35,8 @@ from schemas import DeadLetter, EmotionResult
 from tests.support.events import event_bytes
 
 # The FER faces committed with the repository (tests/conftest.py FER_FACES).
-FACES = sorted((Path(__file__).resolve().parents[2] / "data" / "faces").glob("*/*.png"))[:8]
+FACES_DIR = Path(__file__).resolve().parents[2] / "data" / "faces"
+FACES = sorted(FACES_DIR.glob("*/*.png"))[:8]
 INPUT, OUTPUT, DEAD, GROUP = "frames", "emotions", "dead-letters", "workers"
 
 
@@ -71,7 +72,8 @@ def worker_settings(flow: FlowSettings | None = None, **kafka: Any) -> WorkerSet
     return WorkerSettings(
         kafka=KafkaSettings(**kafka),
         batch=BatchSettings(max_batch_size=8, max_wait_ms=2),
-        fetch=FetchSettings(threads=2),
+        # The events name the faces by file:// path: their folder must be readable.
+        fetch=FetchSettings(threads=2, file_roots=(FACES_DIR,)),
         decode=DecodeSettings(isolation="thread"),
         flow=flow or FlowSettings(drain_timeout_s=5),
         health=HealthSettings(enabled=False, statistics_interval_s=0.05),
@@ -217,14 +219,20 @@ def test_committed_offsets_never_pass_unacknowledged_outcomes() -> None:
 def test_poison_events_become_dead_letters_and_the_partition_moves_on() -> None:
     broker = MemoryBroker()
     _topics(broker, 1)
-    _key, valid = event_bytes(FACES[0], image="file:///no/such/face.png")
-    sent = _events(broker, 12, 1, poison={3: b"{not json", 7: valid})
+    _key, missing = event_bytes(FACES[0], image=(FACES_DIR / "no-such-face.png").as_uri())
+    _key, outside = event_bytes(FACES[0], image="file:///etc/hostname")  # not under file_roots
+    poison = {3: b"{not json", 7: missing, 9: outside}
+    sent = _events(broker, 12, 1, poison=poison)
     running = Running(broker, worker_settings())
     _until(lambda: _all_committed(broker), what="all offsets committed")
     assert running.stop() == 0
     dead = {(d.source.offset, d.error_kind, d.event_id) for d in _dead(broker)}
-    assert dead == {(3, "not_json", None), (7, "image_not_found", sent[(0, 7)])}
-    assert len(_results(broker)) == 10
+    assert dead == {
+        (3, "not_json", None),
+        (7, "image_not_found", sent[(0, 7)]),
+        (9, "image_fetch_refused", sent[(0, 9)]),
+    }
+    assert len(_results(broker)) == 9
     assert broker.committed(GROUP, INPUT) == {0: 12}
 
 
