@@ -55,12 +55,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any, Self
+from typing import Self
 
 import torch
 from torch import nn
 
-from consumer.engine.linears import DEFAULT_MIN_FEATURES, replace_linears
+from consumer.engine.linears import DEFAULT_MIN_FEATURES, apply_moving_only, replace_linears
 
 __all__ = ["FP8Linear", "fp8_supported", "quantize_language_model"]
 
@@ -217,19 +217,7 @@ class FP8Linear(nn.Module):
         float8 counts as floating point: model.to(torch.bfloat16) would otherwise silently
         turn the weight back into bf16 and round the scales.
         """
-        kept: dict[str, torch.Tensor] = {}
-        for name in ("weight_fp8", "weight_scale"):
-            tensor = self._buffers.pop(name)
-            assert tensor is not None  # registered in __init__, never set to None
-            kept[name] = tensor
-        module_apply: Any = super()._apply  # untyped in torch
-        try:
-            module_apply(fn, recurse)
-        finally:
-            for name, tensor in kept.items():
-                # fn on an empty tensor tells where fn sends tensors, whatever dtype it casts to.
-                target = fn(torch.empty(0, device=tensor.device)).device
-                self._buffers[name] = tensor.to(device=target)
+        apply_moving_only(self, fn, recurse, ("weight_fp8", "weight_scale"), super()._apply)
         self._use_kernel = self._shape_ok and fp8_supported(self.weight_fp8.device)
         return self
 

@@ -43,12 +43,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from typing import Any, Self
+from typing import Self
 
 import torch
 from torch import nn
 
-from consumer.engine.linears import DEFAULT_MIN_FEATURES, replace_linears
+from consumer.engine.linears import DEFAULT_MIN_FEATURES, apply_moving_only, replace_linears
 
 __all__ = ["Int8Linear", "int_mm_available", "quantize_language_model_int8", "smoothing_factors"]
 
@@ -227,21 +227,8 @@ class Int8Linear(nn.Module):
         model.to(torch.bfloat16) casts every floating-point buffer: it would round the scales
         to 8 bits of mantissa. (The int8 weight is not floating point and is never cast.)
         """
-        kept: dict[str, torch.Tensor] = {}
-        for name in ("weight_int8", "weight_scale", "smooth"):
-            tensor = self._buffers.pop(name)
-            if tensor is not None:
-                kept[name] = tensor
-        module_apply: Any = super()._apply  # untyped in torch
-        try:
-            module_apply(fn, recurse)
-        finally:
-            for name in ("weight_int8", "weight_scale", "smooth"):
-                tensor = kept.get(name)
-                if tensor is not None:
-                    # fn on an empty tensor tells where fn sends tensors.
-                    tensor = tensor.to(device=fn(torch.empty(0, device=tensor.device)).device)
-                self._buffers[name] = tensor
+        names = ("weight_int8", "weight_scale", "smooth")
+        apply_moving_only(self, fn, recurse, names, super()._apply)
         self._use_kernel = self._kernel_takes(self.weight_int8.device)
         self._pad_rows = self.weight_int8.device.type == "cuda"
         return self

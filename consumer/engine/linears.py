@@ -22,6 +22,7 @@ from torch import nn
 
 __all__ = [
     "LayerInputs",
+    "apply_moving_only",
     "language_model",
     "language_model_linears",
     "record_inputs",
@@ -174,3 +175,27 @@ def record_inputs(
         absmax={name: value.clone() for name, value in maxima.items()},
         samples={name: value.clone() for name, value in samples.items()},
     )
+
+
+def apply_moving_only(
+    module: nn.Module,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    recurse: bool,
+    names: Collection[str],
+    module_apply: Callable[[Callable[[torch.Tensor], torch.Tensor], bool], Any],
+) -> None:
+    """`nn.Module._apply(fn)` with the buffers `names` moved to fn's device, never cast.
+
+    model.to(torch.bfloat16) casts every floating-point buffer (float8 counts as floating
+    point): a quantized layer's weight and its float32 scales must keep their dtypes.
+    `module_apply` is the layer's `super()._apply`.
+    """
+    kept = {name: module._buffers.pop(name) for name in names}
+    try:
+        module_apply(fn, recurse)
+    finally:
+        for name, tensor in kept.items():
+            if tensor is not None:
+                # fn on an empty tensor tells where fn sends tensors, whatever it casts to.
+                tensor = tensor.to(device=fn(torch.empty(0, device=tensor.device)).device)
+            module._buffers[name] = tensor
