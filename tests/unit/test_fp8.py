@@ -34,26 +34,12 @@ from consumer.engine import make_tiny_checkpoint
 from consumer.engine.fp8 import FP8Linear, fp8_supported, quantize_language_model
 from consumer.engine.scoring import label_token_ids
 from tests.conftest import FER_FACES
+from tests.support.layers import random_linear, relative_error
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 LAYER_BOUND = 0.05
 MIN_FEATURES = 8  # the tiny model's smallest language-model layer is 64 wide
-
-
-def _relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    actual, reference = actual.detach().float(), reference.detach().float()
-    return float((actual - reference).norm() / reference.norm())
-
-
-def _random_linear(seed: int, in_features: int, out_features: int, *, bias: bool) -> nn.Linear:
-    generator = torch.Generator().manual_seed(seed)
-    linear = nn.Linear(in_features, out_features, bias=bias)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(out_features, in_features, generator=generator) * 0.05)
-        if linear.bias is not None:
-            linear.bias.copy_(torch.randn(out_features, generator=generator) * 0.1)
-    return linear
 
 
 # --- one layer ----------------------------------------------------------------------------
@@ -63,40 +49,40 @@ def _random_linear(seed: int, in_features: int, out_features: int, *, bias: bool
 @pytest.mark.parametrize("shape", [(37, 256), (3, 11, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_close_to_the_float_linear(bias: bool, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    linear = _random_linear(1, 256, 192, bias=bias)
+    linear = random_linear(1, 256, 192, bias=bias)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
     reference = linear(x)  # float32 weights and inputs
     out = FP8Linear.from_linear(linear)(x.to(dtype))
     assert out.dtype == dtype
     assert out.shape == (*shape[:-1], 192)
     assert torch.isfinite(out).all()
-    error = _relative_error(out, reference)
+    error = relative_error(out, reference)
     assert 0.005 < error < LAYER_BOUND  # > 0.005: it really is quantized
 
 
 def test_bf16_layer_keeps_its_bias_dtype() -> None:
-    linear = _random_linear(3, 64, 32, bias=True).to(torch.bfloat16)
+    linear = random_linear(3, 64, 32, bias=True).to(torch.bfloat16)
     layer = FP8Linear.from_linear(linear)
     assert layer.bias is not None and layer.bias.dtype == torch.bfloat16
     assert torch.equal(layer.bias, linear.bias)
     x = torch.randn(4, 64).to(torch.bfloat16)
     out = layer(x)
     assert out.dtype == torch.bfloat16
-    assert _relative_error(out, linear.float()(x.float())) < LAYER_BOUND
+    assert relative_error(out, linear.float()(x.float())) < LAYER_BOUND
 
 
 def test_error_over_seeds_matches_e4m3_theory() -> None:
     errors = []
     for seed in range(5):
-        linear = _random_linear(seed, 256, 192, bias=False)
+        linear = random_linear(seed, 256, 192, bias=False)
         x = torch.randn(64, 256, generator=torch.Generator().manual_seed(100 + seed))
-        errors.append(_relative_error(FP8Linear.from_linear(linear)(x), linear(x)))
+        errors.append(relative_error(FP8Linear.from_linear(linear)(x), linear(x)))
     # sqrt(2) * 2.6% RMS rounding of each operand; measured 3.65-3.74%.
     assert all(0.03 < error < LAYER_BOUND for error in errors), errors
 
 
 def test_weight_is_stored_as_fp8_with_float32_row_scales() -> None:
-    linear = _random_linear(4, 96, 48, bias=True)
+    linear = random_linear(4, 96, 48, bias=True)
     layer = FP8Linear.from_linear(linear)
     assert (layer.in_features, layer.out_features) == (96, 48)
     assert layer.weight_fp8.dtype == torch.float8_e4m3fn
@@ -119,7 +105,7 @@ def test_weight_is_stored_as_fp8_with_float32_row_scales() -> None:
 
 
 def test_model_casts_keep_the_fp8_weight_and_float32_scales() -> None:
-    model = nn.Sequential(FP8Linear.from_linear(_random_linear(5, 32, 32, bias=True)))
+    model = nn.Sequential(FP8Linear.from_linear(random_linear(5, 32, 32, bias=True)))
     model.to(torch.bfloat16)
     layer = model[0]
     assert isinstance(layer, FP8Linear)
@@ -130,7 +116,7 @@ def test_model_casts_keep_the_fp8_weight_and_float32_scales() -> None:
 
 
 def test_zero_rows_give_finite_outputs() -> None:
-    layer = FP8Linear.from_linear(_random_linear(6, 64, 32, bias=True))
+    layer = FP8Linear.from_linear(random_linear(6, 64, 32, bias=True))
     x = torch.randn(5, 64)
     x[1] = 0.0
     out = layer(x)
@@ -140,7 +126,7 @@ def test_zero_rows_give_finite_outputs() -> None:
     assert torch.isfinite(layer(torch.zeros(3, 64))).all()
     assert torch.isfinite(layer(torch.zeros(3, 64, dtype=torch.bfloat16))).all()
     # A zero weight row too.
-    zeroed = _random_linear(7, 64, 32, bias=False)
+    zeroed = random_linear(7, 64, 32, bias=False)
     with torch.no_grad():
         zeroed.weight[3] = 0.0
     out = FP8Linear.from_linear(zeroed)(x)
@@ -151,7 +137,7 @@ def test_row_maxima_land_on_448_without_nan_at_any_magnitude() -> None:
     generator = torch.Generator().manual_seed(11)
     exponents = torch.randint(-40, 40, (4000, 1), generator=generator).float()
     x = torch.randn(4000, 64, generator=generator) * torch.exp2(exponents)
-    layer = FP8Linear.from_linear(_random_linear(12, 64, 16, bias=False))
+    layer = FP8Linear.from_linear(random_linear(12, 64, 16, bias=False))
     for dtype in (torch.float32, torch.bfloat16):
         quantized, scale = fp8_module._quantize_rows(x.to(dtype))
         assert quantized.dtype == torch.float8_e4m3fn and scale.dtype == torch.float32
@@ -204,7 +190,7 @@ def scaled_mm_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, 
 def test_scaled_mm_path_matches_the_emulation(
     scaled_mm_calls: list[dict[str, Any]], dtype: torch.dtype, bias: bool
 ) -> None:
-    linear = _random_linear(8, 128, 64, bias=bias).to(dtype)
+    linear = random_linear(8, 128, 64, bias=bias).to(dtype)
     kernel = FP8Linear.from_linear(linear)
     x = torch.randn(2, 9, 128, generator=torch.Generator().manual_seed(9)).to(dtype)
     # A non-contiguous input: the kernel needs mat1 row-major anyway.
@@ -220,31 +206,31 @@ def test_scaled_mm_path_matches_the_emulation(
     assert out.dtype == expected.dtype == dtype and out.shape == (2, 9, 64)
     # Same quantization both ways; only the accumulation order and the final rounding differ.
     tolerance = 1e-5 if dtype == torch.float32 else 1e-2
-    assert _relative_error(out, expected) < tolerance
+    assert relative_error(out, expected) < tolerance
 
 
 def test_scaled_mm_path_takes_a_transposed_2d_input(
     scaled_mm_calls: list[dict[str, Any]],
 ) -> None:
-    linear = _random_linear(13, 64, 32, bias=True).to(torch.bfloat16)
+    linear = random_linear(13, 64, 32, bias=True).to(torch.bfloat16)
     x = torch.randn(64, 7).to(torch.bfloat16).t()  # (7, 64) with strides (1, 7)
     out = FP8Linear.from_linear(linear)(x)
     (call,) = scaled_mm_calls
     _check_cuda_contract(call)
-    assert _relative_error(out, linear.float()(x.float())) < LAYER_BOUND
+    assert relative_error(out, linear.float()(x.float())) < LAYER_BOUND
 
 
 def test_shapes_the_kernel_cannot_take_use_the_emulation(
     scaled_mm_calls: list[dict[str, Any]],
 ) -> None:
     for in_features, out_features in ((60, 64), (64, 40)):
-        linear = _random_linear(10, in_features, out_features, bias=True)
+        linear = random_linear(10, in_features, out_features, bias=True)
         x = torch.randn(3, in_features)
         out = FP8Linear.from_linear(linear)(x)
         assert out.shape == (3, out_features)
-        assert _relative_error(out, linear(x)) < LAYER_BOUND
+        assert relative_error(out, linear(x)) < LAYER_BOUND
     assert scaled_mm_calls == []
-    FP8Linear.from_linear(_random_linear(10, 64, 64, bias=False))(torch.randn(3, 64))
+    FP8Linear.from_linear(random_linear(10, 64, 64, bias=False))(torch.randn(3, 64))
     assert len(scaled_mm_calls) == 1
 
 
@@ -337,7 +323,7 @@ def test_quantized_llava_stays_close_on_real_faces(
 
     def compare(name: str) -> Callable[[nn.Module, tuple[torch.Tensor, ...], torch.Tensor], None]:
         def hook(_: nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
-            layer_errors[name] = _relative_error(output, originals[name](inputs[0]))
+            layer_errors[name] = relative_error(output, originals[name](inputs[0]))
 
         return hook
 

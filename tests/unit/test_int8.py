@@ -38,26 +38,12 @@ from consumer.engine import int8 as int8_module
 from consumer.engine.int8 import Int8Linear, quantize_language_model_int8, smoothing_factors
 from consumer.engine.linears import language_model_linears, record_inputs
 from tests.conftest import FER_CHECKPOINT, FER_FACES
+from tests.support.layers import random_linear, relative_error
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 LAYER_BOUND = 0.02
 HAS_INT_MM = hasattr(torch, "_int_mm")
-
-
-def _relative_error(actual: torch.Tensor, reference: torch.Tensor) -> float:
-    actual, reference = actual.detach().float(), reference.detach().float()
-    return float((actual - reference).norm() / reference.norm())
-
-
-def _random_linear(seed: int, in_features: int, out_features: int, *, bias: bool) -> nn.Linear:
-    generator = torch.Generator().manual_seed(seed)
-    linear = nn.Linear(in_features, out_features, bias=bias)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(out_features, in_features, generator=generator) * 0.05)
-        if linear.bias is not None:
-            linear.bias.copy_(torch.randn(out_features, generator=generator) * 0.1)
-    return linear.requires_grad_(False)
 
 
 def _emulated(layer: Int8Linear) -> Int8Linear:
@@ -73,26 +59,26 @@ def _emulated(layer: Int8Linear) -> Int8Linear:
 @pytest.mark.parametrize("shape", [(37, 256), (3, 11, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_close_to_the_float_linear(bias: bool, shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    linear = _random_linear(1, 256, 192, bias=bias)
+    linear = random_linear(1, 256, 192, bias=bias)
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
     out = Int8Linear.from_linear(linear)(x.to(dtype))
     assert out.dtype == dtype and out.shape == (*shape[:-1], 192)
     assert torch.isfinite(out).all()
-    assert 0.002 < _relative_error(out, linear(x)) < LAYER_BOUND  # > 0.002: it is quantized
+    assert 0.002 < relative_error(out, linear(x)) < LAYER_BOUND  # > 0.002: it is quantized
 
 
 def test_error_over_seeds_is_a_third_of_fp8s() -> None:
     errors = []
     for seed in range(5):
-        linear = _random_linear(seed, 256, 192, bias=False)
+        linear = random_linear(seed, 256, 192, bias=False)
         x = torch.randn(64, 256, generator=torch.Generator().manual_seed(100 + seed))
-        errors.append(_relative_error(Int8Linear.from_linear(linear)(x), linear(x)))
+        errors.append(relative_error(Int8Linear.from_linear(linear)(x), linear(x)))
     # absmax/127 steps: ~0.8% RMS per Gaussian operand; measured 0.96-0.98% (fp8: 3.7%).
     assert all(0.007 < error < 0.015 for error in errors), errors
 
 
 def test_a_loud_token_does_not_cost_the_others_their_precision() -> None:
-    linear = _random_linear(3, 256, 128, bias=False)
+    linear = random_linear(3, 256, 128, bias=False)
     x = torch.randn(16, 256, generator=torch.Generator().manual_seed(4))
     x[5] *= 1000.0  # one token 1000x louder than the rest
     out, reference = Int8Linear.from_linear(linear)(x), linear(x)
@@ -101,7 +87,7 @@ def test_a_loud_token_does_not_cost_the_others_their_precision() -> None:
 
 
 def test_weight_is_int8_with_float32_row_scales() -> None:
-    linear = _random_linear(4, 96, 48, bias=True)
+    linear = random_linear(4, 96, 48, bias=True)
     layer = Int8Linear.from_linear(linear)
     assert layer.weight_int8.dtype == torch.int8 and layer.weight_int8.shape == (48, 96)
     assert layer.weight_int8.t().stride() == (1, 96)  # column-major mat2, no copy per call
@@ -117,7 +103,7 @@ def test_weight_is_int8_with_float32_row_scales() -> None:
 
 
 def test_model_casts_keep_the_int8_weight_and_float32_scales() -> None:
-    linear = _random_linear(5, 32, 32, bias=True)
+    linear = random_linear(5, 32, 32, bias=True)
     layer = Int8Linear.from_linear(linear, act_absmax=torch.rand(32) + 0.5)
     model = nn.Sequential(layer).to(torch.bfloat16)
     assert layer.weight_int8.dtype == torch.int8
@@ -128,7 +114,7 @@ def test_model_casts_keep_the_int8_weight_and_float32_scales() -> None:
 
 
 def test_zero_rows_give_finite_outputs() -> None:
-    layer = Int8Linear.from_linear(_random_linear(6, 64, 32, bias=True))
+    layer = Int8Linear.from_linear(random_linear(6, 64, 32, bias=True))
     x = torch.randn(5, 64)
     x[1] = 0.0
     out = layer(x)
@@ -140,7 +126,7 @@ def test_zero_rows_give_finite_outputs() -> None:
 
 def test_rejects_a_wrong_input_width() -> None:
     with pytest.raises(ValueError, match=r"\(\.\.\., 64\)"):
-        Int8Linear.from_linear(_random_linear(7, 64, 32, bias=False))(torch.randn(2, 60))
+        Int8Linear.from_linear(random_linear(7, 64, 32, bias=False))(torch.randn(2, 60))
 
 
 # --- kernel and emulation -----------------------------------------------------------------
@@ -153,7 +139,7 @@ def test_rejects_a_wrong_input_width() -> None:
 def test_cpu_kernel_and_emulation_agree_bit_for_bit(
     dtype: torch.dtype, in_features: int, out_features: int, rows: int, smooth: bool
 ) -> None:
-    linear = _random_linear(8, in_features, out_features, bias=True).to(dtype)
+    linear = random_linear(8, in_features, out_features, bias=True).to(dtype)
     x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(9)).to(dtype)
     absmax = x.float().abs().amax(dim=0) if smooth else None
     kernel = Int8Linear.from_linear(linear, act_absmax=absmax)
@@ -203,7 +189,7 @@ def cuda_int_mm(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[torch.Size]]:
 
 @pytest.mark.parametrize("rows", [1, 16, 17, 40])
 def test_cuda_rules_small_batches_are_padded(cuda_int_mm: list[torch.Size], rows: int) -> None:
-    layer = Int8Linear.from_linear(_random_linear(11, 64, 32, bias=True))
+    layer = Int8Linear.from_linear(random_linear(11, 64, 32, bias=True))
     layer._pad_rows = True  # as on a CUDA device
     x = torch.randn(rows, 64, generator=torch.Generator().manual_seed(rows))
     out = layer(x)
@@ -216,10 +202,10 @@ def test_cuda_shapes_the_kernel_cannot_take_are_emulated(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(int8_module, "int_mm_available", lambda device: True)
-    layer = Int8Linear.from_linear(_random_linear(12, 60, 64, bias=False))
+    layer = Int8Linear.from_linear(random_linear(12, 60, 64, bias=False))
     assert layer._kernel_takes(torch.device("cuda")) is False  # K = 60: not a multiple of 8
     assert layer._kernel_takes(torch.device("cpu")) is True
-    wide = Int8Linear.from_linear(_random_linear(12, 64, 64, bias=False))
+    wide = Int8Linear.from_linear(random_linear(12, 64, 64, bias=False))
     assert wide._kernel_takes(torch.device("cuda")) is True
 
 
@@ -228,17 +214,17 @@ def test_cuda_shapes_the_kernel_cannot_take_are_emulated(
 
 def test_smoothquant_reduces_the_error_of_outlier_channels() -> None:
     for seed in range(3):
-        linear = _random_linear(20 + seed, 256, 192, bias=False)
+        linear = random_linear(20 + seed, 256, 192, bias=False)
         x = torch.randn(64, 256, generator=torch.Generator().manual_seed(30 + seed))
         x[:, :4] *= 80.0  # a few channels carry outliers, as in trained LLMs
         calibration = torch.randn(64, 256, generator=torch.Generator().manual_seed(40 + seed))
         calibration[:, :4] *= 80.0
         absmax = calibration.abs().amax(dim=0)  # statistics from other tokens than x
         reference = linear(x)
-        plain = _relative_error(Int8Linear.from_linear(linear)(x), reference)
+        plain = relative_error(Int8Linear.from_linear(linear)(x), reference)
         smoothed = Int8Linear.from_linear(linear, act_absmax=absmax)
         assert smoothed.smooth is not None
-        error = _relative_error(smoothed(x), reference)
+        error = relative_error(smoothed(x), reference)
         # Measured ~2.9% plain, ~0.6% smoothed.
         assert plain > 0.02 and error < plain / 2, (plain, error)
 
