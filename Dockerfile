@@ -1,8 +1,8 @@
 # emotion-worker: one worker process per container, one GPU per container.
-# Build:  docker build -t emotion-worker:0.3.0 .
+# Build:  docker build -t emotion-worker:0.4.0 .
 # Run:    docker run --gpus 1 -v /srv/models/llava-1.5-7b-fer:/models/llava-1.5-7b-fer:ro \
 #           -e EMOTION_WORKER_MODEL__PATH=/models/llava-1.5-7b-fer \
-#           -e EMOTION_WORKER_KAFKA__BOOTSTRAP_SERVERS=kafka-1:9092 -p 8080:8080 emotion-worker:0.3.0
+#           -e EMOTION_WORKER_KAFKA__BOOTSTRAP_SERVERS=kafka-1:9092 -p 8080:8080 emotion-worker:0.4.0
 # Kubernetes manifests: deploy/k8s (see docs/operations.md).
 #
 # Base image: Debian's python:3.11-slim, not nvidia/cuda. The worker runs on Python 3.11 to

@@ -13,6 +13,7 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from consumer.config import ConfigError, WorkerSettings, load_settings
+from consumer.replay.command import add_replay_parser
 
 if TYPE_CHECKING:  # the run path imports these lazily: `--help` must not load torch
     from consumer.ops.metrics import HealthState, WorkerMetrics
@@ -140,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="create the topic with this many partitions if it is missing",
     )
+
+    add_replay_parser(sub)
 
     demo = sub.add_parser(
         "demo", help="local broker + the shipped FER model + held-out FER faces, end to end"
@@ -302,6 +305,12 @@ def cmd_produce(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_replay(args: argparse.Namespace) -> int:
+    from consumer.replay.command import run_replay
+
+    return run_replay(args, load_settings(args.config, overrides_from_flags(args)))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from consumer.demo import run_demo
 
@@ -346,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
         "run": cmd_run,
         "check": cmd_check,
         "produce": cmd_produce,
+        "replay": cmd_replay,
         "demo": cmd_demo,
         "make-tiny-model": cmd_make_tiny_model,
     }

@@ -16,7 +16,7 @@ from confluent_kafka import Consumer, Producer
 from consumer.config import LogSettings, load_settings
 from consumer.event_source import frame_event, image_files, round_robin_by_folder
 from consumer.ops.logs import configure_logging
-from consumer.stream.kafka_io import CLIENT_LOGGER, ensure_topics, run_topics
+from consumer.stream.kafka_io import CLIENT_LOGGER, ensure_topics, run_topics, to_record
 from schemas import DeadLetter, EmotionResult
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,7 +99,8 @@ def _collect(
                 if msg.topic() == topics[0]:
                     results.append(EmotionResult.model_validate_json(msg.value() or b""))
                 else:
-                    letters.append(DeadLetter.model_validate_json(msg.value() or b""))
+                    record = to_record(msg)
+                    letters.append(DeadLetter.from_record(record.key, record.value, record.headers))
     finally:
         reader.close()
     return results, letters

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from schemas.dead_letter import DeadLetter
+from schemas.dead_letter import DeadLetterHeaders
 from schemas.events import FrameEvent
 from schemas.results import EmotionResult
 
@@ -16,7 +16,7 @@ SCHEMA_DIR = Path(__file__).resolve().parent
 MODELS: dict[str, type[BaseModel]] = {
     "frame_event": FrameEvent,
     "emotion_result": EmotionResult,
-    "dead_letter": DeadLetter,
+    "dead_letter": DeadLetterHeaders,
 }
 
 

@@ -9,14 +9,15 @@ password to the file's ``common_config`` and keeps its other keys.
 One module per concern: ``settings`` (WorkerSettings, ENV_PREFIX, load_settings and the
 config file source), ``errors`` (ConfigError and how validation errors are reported), one
 module per group of sections (``kafka``, ``model`` with ``batch``, ``fetch`` with
-``fetch.s3``, ``decode`` with ``faces``, ``flow``, ``ops`` with ``health``, ``processes``
-and ``log``), and ``reference``, which writes docs/configuration.md from them
-(``python -m consumer.config.reference``). Import from the package: the modules are its
-layout, not its interface.
+``fetch.s3``, ``decode`` with ``faces``, ``flow``, ``dead_letter``, ``ops`` with
+``health``, ``processes`` and ``log``), and ``reference``, which writes
+docs/configuration.md from them (``python -m consumer.config.reference``). Import from the
+package: the modules are its layout, not its interface.
 """
 
 # `reference` is deliberately not imported: it is a command, and importing it here would
 # make `python -m consumer.config.reference` warn that the module was already imported.
+from consumer.config.dead_letter import DeadLetterSettings
 from consumer.config.decode import DecodeSettings, FaceSettings
 from consumer.config.errors import ConfigError, describe_validation_error
 from consumer.config.fetch import FetchSettings, S3Settings
@@ -32,6 +33,7 @@ __all__ = [
     "FER_LABELS",
     "BatchSettings",
     "ConfigError",
+    "DeadLetterSettings",
     "DecodeSettings",
     "FaceSettings",
     "FetchSettings",

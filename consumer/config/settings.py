@@ -22,6 +22,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from consumer.config.dead_letter import DeadLetterSettings
 from consumer.config.decode import DecodeSettings, FaceSettings
 from consumer.config.errors import ConfigError, describe_validation_error
 from consumer.config.fetch import FetchSettings
@@ -51,6 +52,7 @@ class WorkerSettings(BaseSettings):
     decode: DecodeSettings = DecodeSettings()
     faces: FaceSettings = FaceSettings()
     flow: FlowSettings = FlowSettings()
+    dead_letter: DeadLetterSettings = DeadLetterSettings()
     health: HealthSettings = HealthSettings()
     processes: ProcessSettings = ProcessSettings()
     log: LogSettings = LogSettings()

@@ -78,14 +78,6 @@ class WorkerMetrics:
             buckets=_RATIO_BUCKETS,
             registry=r,
         )
-        # Deprecated in 0.2.0, removed in 0.3.0: it divided events by a cap on faces.
-        self.batch_fill_ratio = Histogram(
-            p + "batch_fill_ratio",
-            "DEPRECATED, use batch_face_fill_ratio: events per batch divided by "
-            "batch.max_batch_size.",
-            buckets=_RATIO_BUCKETS,
-            registry=r,
-        )
         self.queue_wait = Histogram(
             p + "queue_wait_seconds",
             "From reading an event to the start of the model batch that holds it.",

@@ -37,10 +37,17 @@ def is_out_of_memory(exc: BaseException) -> bool:
 class BatchRunner:
     """Turns a batch of items into outcomes with one engine call when all goes well."""
 
-    def __init__(self, engine: Classifier, output_topic: str, dead_letter_topic: str) -> None:
+    def __init__(
+        self,
+        engine: Classifier,
+        output_topic: str,
+        dead_letter_topic: str,
+        include_payload: bool = True,
+    ) -> None:
         self.engine = engine
         self.output_topic = output_topic
         self.dead_letter_topic = dead_letter_topic
+        self.include_payload = include_payload
         self.oom_splits = 0
 
     def run(self, batch: Sequence[Item]) -> list[Outcome]:
@@ -58,16 +65,19 @@ class BatchRunner:
         for item in batch:
             result = scores.get(id(item)) if isinstance(item, PreparedEvent) else None
             if isinstance(item, FailedEvent):
-                outcomes.append(encode_dead_letter(item, self.dead_letter_topic))
+                outcomes.append(self._dead_letter(item))
             elif isinstance(result, BaseException):
                 error = EventError("model_error", f"{type(result).__name__}: {result}")
                 failed = FailedEvent.from_error(item.record, error, item.event, item.fetch_attempts)
-                outcomes.append(encode_dead_letter(failed, self.dead_letter_topic))
+                outcomes.append(self._dead_letter(failed))
             else:
                 outcomes.append(
                     encode_result(item, result or [], self.engine.model_id, self.output_topic)
                 )
         return outcomes
+
+    def _dead_letter(self, failed: FailedEvent) -> Outcome:
+        return encode_dead_letter(failed, self.dead_letter_topic, self.include_payload)
 
     def _score_events(
         self, events: list[PreparedEvent]

@@ -73,5 +73,4 @@ class EngineThread:
         metrics.model_time.observe(time.monotonic() - started)
         metrics.batch_faces.observe(faces)
         metrics.batch_face_fill_ratio.observe(faces / self._max_batch_faces)
-        metrics.batch_fill_ratio.observe(len(batch) / self._max_batch_faces)  # deprecated
         self._publisher.publish(outcomes)

@@ -17,7 +17,14 @@ from consumer.errors import EventError, plain_message
 from consumer.fetch.references import fetch_with_retries
 from consumer.stream.duplicate_keys import duplicate_key
 from consumer.stream.records import FailedEvent, InputRecord, Outcome, PreparedEvent
-from schemas import DeadLetter, EmotionResult, FaceEmotion, FrameEvent, Header, result_id_for
+from schemas import (
+    DeadLetterHeaders,
+    EmotionResult,
+    FaceEmotion,
+    FrameEvent,
+    original_headers,
+    result_id_for,
+)
 from schemas.results import ResultStatus
 
 WORKER_ID = f"{socket.gethostname()}:{os.getpid()}"
@@ -28,8 +35,8 @@ CONTENT_TYPE = ("content-type", b"application/json")
 # Of the input record's headers only the W3C Trace Context ones pass on to its result or
 # dead letter, so a trace continues through the worker. They are a standard with a known
 # meaning; any other header could carry anything (credentials, routing hints meant for
-# someone else) and would reach every reader of the output topics unasked. The dead
-# letter's body still keeps all original headers, for replay.
+# someone else) and would reach every reader of the output topics unasked. A dead letter
+# is the input record itself and keeps all its headers, for replay.
 TRACE_HEADERS = ("traceparent", "tracestate")
 # Their content is not checked (that is the tracer's business), only bounded: the spec's
 # traceparent is 55 bytes and its tracestate at most 32 entries of 256 characters, but a
@@ -167,30 +174,37 @@ def encode_result(
     )
 
 
-def encode_dead_letter(failed: FailedEvent, dead_letter_topic: str) -> Outcome:
-    """The dead letter for a failed record: original bytes, headers and why it failed."""
+def encode_dead_letter(
+    failed: FailedEvent, dead_letter_topic: str, include_payload: bool = True
+) -> Outcome:
+    """The dead letter for a failed record: the record as it was, with why in headers.
+
+    Key, value and headers stay the input's bytes (schemas/dead_letter.py), so standard
+    tools can replay it; `include_payload=False` empties the value (a data: event's value
+    is a face). Input headers under `emotion.` are the worker's namespace and not copied.
+    """
     record = failed.record
     # A backstop: messages that quote an exception must not carry object addresses.
     message = plain_message(failed.message)
-    letter = DeadLetter(
-        source=record.source,
-        event_id=failed.event_id,
-        key=record.key,
-        value=record.value,
-        headers=[Header(key=k, value=v) for k, v in record.headers],
+    why = DeadLetterHeaders(
         error_kind=failed.kind,
         error_message=message,
+        source_topic=record.topic,
+        source_partition=record.partition,
+        source_offset=record.offset,
+        event_id=failed.event_id,
         attempts=failed.fetch_attempts,
         failed_at=datetime.now(UTC),
         worker_id=WORKER_ID,
+        payload="kept" if include_payload else "omitted",
     )
     return Outcome(
         record=record,
         topic=dead_letter_topic,
         key=record.key,
-        value=letter.model_dump_json().encode(),
+        value=record.value if include_payload else b"",
         is_dead_letter=True,
-        headers=[("error_kind", failed.kind.encode()), CONTENT_TYPE, *passed_headers(record)],
+        headers=[*original_headers(record.headers), *why.encode()],
         event_id=failed.event_id,
         reason=f"{failed.kind}: {message}",
         label=failed.kind,

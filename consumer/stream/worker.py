@@ -119,7 +119,12 @@ class Worker:
         )
         self._engine = EngineThread(
             self.batcher,
-            BatchRunner(engine, kafka.output_topic, kafka.dead_letter_topic),
+            BatchRunner(
+                engine,
+                kafka.output_topic,
+                kafka.dead_letter_topic,
+                settings.dead_letter.include_payload,
+            ),
             self.publisher,
             self.metrics,
             self._failure,

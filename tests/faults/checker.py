@@ -64,6 +64,7 @@ class Outcome:
     stream_id: str | None = None
     value: bytes | None = None  # a dead letter's copy of the input record's value
     timestamp_ms: int = 0  # when the worker produced it (CreateTime)
+    error_kind: str | None = None  # a dead letter's kind (not_json, image_fetch_failed, ...)
 
     @property
     def coord(self) -> Coord:
@@ -86,7 +87,7 @@ class Outcome:
 
     @classmethod
     def of_dead_letter(cls, record: Record) -> Outcome:
-        letter = DeadLetter.model_validate_json(record.value)
+        letter = DeadLetter.from_record(record.key, record.value, record.headers)
         source = letter.source
         return cls(
             "dead letter",
@@ -97,6 +98,7 @@ class Outcome:
             None,
             letter.value,
             record.timestamp_ms,
+            letter.error_kind,
         )
 
 
@@ -403,9 +405,8 @@ class Stream:
 
     def dead_letters(self, timeout_s: float = 30.0) -> list[DeadLetter]:
         self.wait_for_outcomes(timeout_s)
-        return [
-            DeadLetter.model_validate_json(r.value) for r in self._read().of(self.dead_letter_topic)
-        ]
+        records = self._read().of(self.dead_letter_topic)
+        return [DeadLetter.from_record(r.key, r.value, r.headers) for r in records]
 
     def distinct_so_far(self) -> int:
         """How many good events have a (committed) result now: read to the end offsets."""

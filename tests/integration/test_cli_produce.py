@@ -255,7 +255,7 @@ def test_inline_event_is_processed_by_a_worker_that_cannot_read_the_file(
         for r in read(kafka_bootstrap, out, expected=1, timeout_s=120, idle_s=1.0)
     ]
     letters = [
-        DeadLetter.model_validate_json(r.value)
+        DeadLetter.from_record(r.key, r.value, r.headers)
         for r in read(kafka_bootstrap, dead, expected=1, timeout_s=60)
     ]
     assert worker.stop() == 0, worker.log_text()[-3000:]

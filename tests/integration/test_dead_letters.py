@@ -100,7 +100,7 @@ def test_malformed_events_become_dead_letters(
             fetch__retries="0",
         )
         letters = [
-            DeadLetter.model_validate_json(r.value)
+            DeadLetter.from_record(r.key, r.value, r.headers)
             for r in read(kafka_bootstrap, dead, expected=len(bad), timeout_s=120)
         ]
         results = [

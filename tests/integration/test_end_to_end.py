@@ -151,8 +151,9 @@ def test_trace_context_and_content_type_reach_results_and_dead_letters(
     start_worker: Callable[..., WorkerProcess],
     face_paths: list[Path],
 ) -> None:
-    """Through the real client: an event's W3C trace headers are on its result or dead
-    letter, with content-type; no other input header is."""
+    """Through the real client: an event's W3C trace headers are on its result, with
+    content-type, and no other input header is; its dead letter keeps every input header
+    as it was, then the worker's emotion.* ones."""
     from confluent_kafka import Consumer, Producer
 
     frames, results_topic, dead = (topic_factory(n, 1) for n in ("frames", "emotions", "dead"))
@@ -191,4 +192,9 @@ def test_trace_context_and_content_type_reach_results_and_dead_letters(
     event_id = json.loads(good)["event_id"].encode()
     json_type = ("content-type", b"application/json")
     assert headers.get(results_topic) == [("event_id", event_id), json_type, *trace]
-    assert headers.get(dead) == [("error_kind", b"not_json"), json_type, *trace]
+    letter = headers.get(dead)
+    assert isinstance(letter, list)
+    original = [("authorization", b"Bearer x"), *trace]
+    assert letter[:3] == original
+    assert dict(letter[3:])["emotion.error.kind"] == b"not_json"
+    assert all(name.startswith("emotion.") for name, _ in letter[3:])

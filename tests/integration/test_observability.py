@@ -96,7 +96,7 @@ def test_metrics_count_what_the_worker_did(
     batches = sample(text, "emotion_worker_batch_faces_count")
     assert batches >= 1
     assert sample(text, "emotion_worker_model_seconds_count") == batches
-    assert sample(text, "emotion_worker_batch_fill_ratio_count") == batches  # deprecated
+    assert "emotion_worker_batch_fill_ratio" not in text  # removed in 0.4.0
     # Faces over the cap on faces (batch.max_batch_size, 16 by default): 30 faces in all.
     assert sample(text, "emotion_worker_batch_face_fill_ratio_count") == batches
     assert sample(text, "emotion_worker_batch_face_fill_ratio_sum") == pytest.approx(30 / 16)

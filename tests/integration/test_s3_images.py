@@ -78,7 +78,7 @@ def test_s3_images_get_results_and_a_missing_key_a_dead_letter(
         assert result.faces[0].box.width == result.faces[0].box.height == 48
 
     assert len(letters) == 1
-    letter = DeadLetter.model_validate_json(letters[0].value)
+    letter = DeadLetter.from_record(letters[0].key, letters[0].value, letters[0].headers)
     assert letter.event_id == "s3-missing"
     assert letter.error_kind == "image_not_found", letter.error_message
     assert missing_uri in letter.error_message

@@ -152,7 +152,8 @@ def expect_failed(
     assert isinstance(outcome, FailedEvent), f"expected a dead letter {kinds}, got crops {outcome}"
     assert outcome.kind in kinds, f"expected {kinds}, got {outcome.kind}: {outcome.message}"
     _bounded(run, within_s, memory_mb)
-    letter = DeadLetter.model_validate_json(encode_dead_letter(outcome, "frames.dead").value)
+    dead = encode_dead_letter(outcome, "frames.dead")
+    letter = DeadLetter.from_record(dead.key, dead.value, dead.headers)
     assert letter.error_kind == outcome.kind and letter.value == outcome.record.value
     return outcome
 

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
@@ -35,6 +36,7 @@ class Record:
     value: bytes
     # The record's timestamp (CreateTime: the producing process's clock), ms since the epoch.
     timestamp_ms: int = 0
+    headers: tuple[tuple[str, bytes | None], ...] = ()
 
 
 def produce(
@@ -43,8 +45,10 @@ def produce(
     values: list[tuple[bytes | None, bytes]],
     spread: int | None = None,
     partition_of: Callable[[int], int] | None = None,
+    headers: list[tuple[str, bytes]] | None = None,
 ) -> list[tuple[int, int]]:
-    """Publish (key, value) pairs, round-robin over `spread` partitions or by `partition_of`.
+    """Publish (key, value) pairs, round-robin over `spread` partitions or by `partition_of`,
+    each with `headers` if given.
 
     Returns their (partition, offset) in order.
     """
@@ -59,7 +63,7 @@ def produce(
         return delivered
 
     for index, (key, value) in enumerate(values):
-        kwargs = {}
+        kwargs: dict[str, Any] = {"headers": headers} if headers else {}
         if spread is not None:
             kwargs["partition"] = index % spread
         elif partition_of is not None:
@@ -175,7 +179,13 @@ def end_offsets(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
 
 def _record(msg) -> Record:  # type: ignore[no-untyped-def]
     return Record(
-        msg.topic(), msg.partition(), msg.offset(), msg.key(), msg.value(), msg.timestamp()[1]
+        msg.topic(),
+        msg.partition(),
+        msg.offset(),
+        msg.key(),
+        msg.value(),
+        msg.timestamp()[1],
+        tuple(msg.headers() or ()),
     )
 
 

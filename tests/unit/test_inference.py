@@ -101,7 +101,7 @@ def test_a_poison_face_becomes_that_events_dead_letter_only() -> None:
     batch = [event(0, [255]), event(1, [13]), event(2, [0])]
     outcomes = runner(engine).run(batch)
     assert [o.is_dead_letter for o in outcomes] == [False, True, False]
-    letter = DeadLetter.model_validate_json(outcomes[1].value)
+    letter = DeadLetter.from_record(outcomes[1].key, outcomes[1].value, outcomes[1].headers)
     assert letter.error_kind == "model_error" and "poison face" in letter.error_message
     assert EmotionResult.model_validate_json(outcomes[2].value).faces[0].label == "sad"
 
@@ -110,7 +110,9 @@ def test_a_single_face_that_never_fits_is_a_dead_letter() -> None:
     engine = StandInEngine(fits=0)
     outcomes = runner(engine).run([event(0, [255]), event(1, [0])])
     assert all(o.is_dead_letter for o in outcomes)
-    assert "OutOfMemoryError" in DeadLetter.model_validate_json(outcomes[0].value).error_message
+    first = outcomes[0]
+    letter = DeadLetter.from_record(first.key, first.value, first.headers)
+    assert "OutOfMemoryError" in letter.error_message
 
 
 def test_failed_items_pass_through_in_order() -> None:

@@ -35,6 +35,7 @@ ALLOWED: dict[str, set[str]] = {
     "engine": {"config"},
     "stream": {"config", "errors", "ops", "fetch", "decode"},
     "event_source": {"config", "stream"},
+    "replay": {"config", "stream"},
     "preflight": {"config", "ops", "engine", "stream"},
     "eval": {"config", "errors", "decode", "engine", "event_source"},
     "training": {"config", "engine", "eval"},

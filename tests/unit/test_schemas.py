@@ -7,7 +7,7 @@ import json
 import pytest
 from pydantic import ValidationError
 
-from schemas import EmotionResult, FrameEvent
+from schemas import DeadLetterHeaders, EmotionResult, FrameEvent
 from schemas.export import MODELS, render, schema_path
 
 VALID = {
@@ -90,3 +90,39 @@ def test_data_uri_is_a_valid_image_and_may_exceed_the_url_limit() -> None:
     image = "data:image/png;base64," + "A" * 8000
     event = FrameEvent.model_validate_json(json.dumps({**VALID, "image": image}))
     assert event.image == image
+
+
+def _dead_letter_headers() -> dict[str, str]:
+    from datetime import UTC, datetime
+
+    why = DeadLetterHeaders(
+        error_kind="image_fetch_failed",
+        error_message="HTTP 503 from images.example; retried 3 times",
+        source_topic="frames",
+        source_partition=2,
+        source_offset=41,
+        event_id="evt-1",
+        attempts=3,
+        failed_at=datetime(2026, 12, 1, 5, 0, tzinfo=UTC),
+        worker_id="pod-1:7",
+        payload="kept",
+    )
+    return {name: value.decode() for name, value in why.encode()}
+
+
+def test_dead_letter_headers_match_their_published_schema() -> None:
+    """What the worker writes validates against schemas/dead_letter.schema.json, and the
+    schema refuses what a reader could not parse."""
+    import jsonschema
+
+    schema = json.loads(schema_path("dead_letter").read_text(encoding="utf-8"))
+    headers = _dead_letter_headers()
+    assert headers["emotion.source.offset"] == "41" and headers["emotion.attempts"] == "3"
+    assert headers["emotion.dead_letter.version"] == "2"
+    jsonschema.validate(headers, schema)
+    for bad in ({"emotion.attempts": "0"}, {"emotion.error.kind": "colour"}, {"emotion.x": "1"}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate({**headers, **bad}, schema)
+    without_event = dict(headers)
+    del without_event["emotion.event.id"]
+    jsonschema.validate(without_event, schema)  # the event id is absent for unreadable events

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -109,13 +110,59 @@ def test_dead_letter_keeps_original_bytes_and_headers() -> None:
     original = b"\xff\x00 not json"
     failed = FailedEvent(record(original), "not_json", "event is not UTF-8 JSON", 1)
     outcome = encode_dead_letter(failed, "frames.dlq")
-    letter = DeadLetter.model_validate_json(outcome.value)
+    letter = DeadLetter.from_record(outcome.key, outcome.value, outcome.headers)
     assert letter.value == original
     assert letter.key == b"cam"
-    assert [(h.key, h.value) for h in letter.headers] == [("trace", b"\x01\x02")]
+    assert letter.headers == [("trace", b"\x01\x02")]
     assert letter.error_kind == "not_json" and letter.attempts == 1
     assert letter.source.offset == 7
+    assert letter.payload == "kept" and letter.event_id is None
     assert outcome.topic == "frames.dlq" and outcome.is_dead_letter
+    # The record is the input's: key and value bytes, its headers first and as they were.
+    assert (outcome.key, outcome.value) == (b"cam", original)
+    assert outcome.headers[0] == ("trace", b"\x01\x02")
+    assert all(name.startswith("emotion.") for name, _ in outcome.headers[1:])
+
+
+def test_dead_letter_without_payload_keeps_key_headers_and_reason() -> None:
+    failed = FailedEvent(record(b'{"image": "data:..."}'), "invalid_event", "bad event", 1)
+    outcome = encode_dead_letter(failed, "frames.dlq", include_payload=False)
+    letter = DeadLetter.from_record(outcome.key, outcome.value, outcome.headers)
+    assert outcome.value == b"" and letter.payload == "omitted"
+    assert letter.key == b"cam" and letter.headers == [("trace", b"\x01\x02")]
+    assert letter.error_kind == "invalid_event" and letter.error_message == "bad event"
+
+
+def test_input_headers_under_the_workers_prefix_are_not_copied() -> None:
+    """An upstream header named emotion.error.kind must not pose as the worker's verdict."""
+    forged = (("emotion.error.kind", b"model_error"), ("keep", b"1"))
+    failed = FailedEvent(replace(record(b"junk"), headers=forged), "not_json", "not JSON", 1)
+    outcome = encode_dead_letter(failed, "dlq")
+    assert [h for h in outcome.headers if h[0] == "emotion.error.kind"] == [
+        ("emotion.error.kind", b"not_json")
+    ]
+    assert DeadLetter.from_record(outcome.key, outcome.value, outcome.headers).headers == [
+        ("keep", b"1")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda h: [x for x in h if x[0] != "emotion.error.kind"], "emotion.error.kind"),
+        (lambda h: [*h, ("emotion.attempts", b"2")], "emotion.attempts appears twice"),
+        (
+            lambda h: [(n, b"x" if n == "emotion.source.offset" else v) for n, v in h],
+            "emotion.source.offset",
+        ),
+        (lambda h: [*h, ("emotion.colour", b"red")], "emotion.colour"),
+    ],
+)
+def test_reading_a_bad_dead_letter_names_the_header(change: Any, named: str) -> None:
+    failed = FailedEvent(record(b"junk"), "not_json", "not JSON", 1)
+    outcome = encode_dead_letter(failed, "dlq")
+    with pytest.raises(ValueError, match=re.escape(named)):
+        DeadLetter.from_record(outcome.key, outcome.value, change(outcome.headers))
 
 
 @pytest.mark.parametrize("isolation", ["process", "thread"])
@@ -134,7 +181,8 @@ def test_garbage_image_dead_letter_says_why_without_object_addresses(
     finally:
         decoder.close()
     assert isinstance(outcome, FailedEvent)
-    letter = DeadLetter.model_validate_json(encode_dead_letter(outcome, "dlq").value)
+    dead = encode_dead_letter(outcome, "dlq")
+    letter = DeadLetter.from_record(dead.key, dead.value, dead.headers)
     assert letter.error_kind == "image_undecodable"
     message = letter.error_message
     assert message.startswith("image cannot be decoded: format not recognised"), message
@@ -151,7 +199,7 @@ def test_dead_letter_messages_never_carry_object_addresses() -> None:
         1,
     )
     outcome = encode_dead_letter(failed, "dlq")
-    letter = DeadLetter.model_validate_json(outcome.value)
+    letter = DeadLetter.from_record(outcome.key, outcome.value, outcome.headers)
     assert letter.error_message == "ValueError: bad <_io.BytesIO object> and <function f>"
     assert outcome.reason is not None and "0x" not in outcome.reason
 

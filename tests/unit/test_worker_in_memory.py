@@ -149,7 +149,7 @@ def _results(broker: MemoryBroker, read_committed: bool = True) -> list[EmotionR
 
 def _dead(broker: MemoryBroker, read_committed: bool = True) -> list[DeadLetter]:
     return [
-        DeadLetter.model_validate_json(m.value() or b"")
+        DeadLetter.from_record(m.key(), m.value(), m.headers())
         for m in broker.records(DEAD, read_committed=read_committed)
     ]
 
