@@ -32,6 +32,7 @@ from confluent_kafka import (
 from pydantic import ValidationError
 
 from consumer.config import ConfigError, KafkaSettings
+from consumer.replay.legacy import from_envelope
 from consumer.replay.selection import VERDICTS, Selection, Verdict
 from consumer.stream.kafka_io import consumer_config, producer_config, to_record
 from schemas import DeadLetter, ErrorKind
@@ -206,12 +207,11 @@ class Replayer:
     def _one(self, msg: Message, selection: Selection, producer: Producer | None) -> int:
         """Judge one record and republish it if chosen; 1 if it was republished."""
         record = to_record(msg)
+        letter: DeadLetter | None
         try:
-            letter: DeadLetter | None = DeadLetter.from_record(
-                record.key, record.value, record.headers
-            )
+            letter = DeadLetter.from_record(record.key, record.value, record.headers)
         except (ValidationError, ValueError):
-            letter = None
+            letter = from_envelope(record.value)  # a 0.3.x letter, or not a letter at all
         verdict = selection.verdict(letter, record.partition, record.offset)
         self.report.counts[(letter.error_kind if letter else "?", verdict)] += 1
         if verdict != "replayed" or producer is None or letter is None:

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from consumer.config import ConfigError
+from consumer.replay.legacy import from_envelope
 from consumer.replay.selection import Selection, parse_kinds, parse_since
 from consumer.stream.records import FailedEvent, InputRecord
 from consumer.stream.stages import encode_dead_letter
@@ -74,3 +75,28 @@ def test_reading_starts_at_the_least_progress_of_the_chosen_kinds() -> None:
     assert (both.start(0, 0), both.start(1, 0), both.start(1, 3)) == (12, 0, 3)
     one = Selection(("image_fetch_failed",), None, progress)
     assert (one.start(0, 0), one.start(1, 0), one.start(0, 50)) == (40, 7, 50)
+
+
+# A dead letter as 0.3.0 wrote it (its DeadLetter model's model_dump_json()).
+LETTER_V1 = (
+    b'{"schema_version":1,"source":{"topic":"frames","partition":1,"offset":42},'
+    b'"event_id":"evt-9","key":"Y2FtLTE=","value":"eyJpbWFnZSI6ICJodHRwczovL2ltZy85LnBuZyJ9_w==",'
+    b'"headers":[{"key":"traceparent","value":"MDAtYWItY2QtMDE="},{"key":"bin","value":"-_8="},'
+    b'{"key":"nul","value":null}],"error_kind":"image_fetch_failed","error_message":"HTTP 503",'
+    b'"attempts":3,"failed_at":"2026-11-30T10:00:00Z","worker_id":"pod-1:7"}'
+)
+
+
+def test_letters_of_0_3_are_read_for_replay() -> None:
+    letter = from_envelope(LETTER_V1)
+    assert letter is not None
+    assert (letter.key, letter.value) == (b"cam-1", b'{"image": "https://img/9.png"}\xff')
+    assert letter.headers == [("traceparent", b"00-ab-cd-01"), ("bin", b"\xfb\xff"), ("nul", None)]
+    assert (letter.error_kind, letter.attempts, letter.event_id) == (
+        "image_fetch_failed",
+        3,
+        "evt-9",
+    )
+    assert letter.source.offset == 42 and letter.payload == "kept"
+    assert from_envelope(b"{not json") is None
+    assert from_envelope(b'{"schema_version": 2}') is None
