@@ -32,7 +32,7 @@ from bench._bench_core import Bench, Row, agreement
 from bench._image_server import image_server, url_path
 from bench._variants import variant_settings
 from consumer.engine import EmotionEngine, FaceScores
-from schemas import EmotionResult
+from schemas import ClassifiedFace, EmotionResult
 
 # Longer than an engine row's cap: the worker has to get through every published event.
 WORKER_CAP_S = 120.0
@@ -146,7 +146,8 @@ def record_outcome(outcomes: Outcomes, value: bytes, stamp_ms: int, wanted: dict
     if not wanted:
         return
     result = EmotionResult.model_validate_json(value)
-    if result.event_id in wanted and result.faces:
+    # A face skipped for low quality (faces.min_quality) has no scores to compare.
+    if result.event_id in wanted and result.faces and isinstance(result.faces[0], ClassifiedFace):
         outcomes.checked[result.event_id] = result.faces[0]
 
 

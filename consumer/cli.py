@@ -13,7 +13,9 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from consumer.config import ConfigError, WorkerSettings, load_settings
+from consumer.dashboard.command import add_dashboard_parser
 from consumer.replay.command import add_replay_parser
+from consumer.summarize.command import add_summarize_parser, summarize_overrides
 
 if TYPE_CHECKING:  # the run path imports these lazily: `--help` must not load torch
     from consumer.ops.metrics import HealthState, WorkerMetrics
@@ -143,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     add_replay_parser(sub)
+    add_summarize_parser(sub)
+    add_dashboard_parser(sub)
 
     demo = sub.add_parser(
         "demo", help="local broker + the shipped FER model + held-out FER faces, end to end"
@@ -154,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="labelled face folder (default: the committed data/faces)",
     )
     demo.add_argument("--events", type=int, default=300)
+    demo.add_argument("--keep-open", action="store_true", help="keep the live page up until Ctrl-C")
     demo.add_argument("--model-path", type=Path, default=None)
     demo.add_argument(
         "--bootstrap-servers",
@@ -311,6 +316,20 @@ def cmd_replay(args: argparse.Namespace) -> int:
     return run_replay(args, load_settings(args.config, overrides_from_flags(args)))
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    from consumer.dashboard.command import run_dashboard
+
+    return run_dashboard(args)
+
+
+def cmd_summarize(args: argparse.Namespace) -> int:
+    from consumer.summarize.command import run_summarize
+
+    stop = StopSignals()
+    settings = load_settings(args.config, summarize_overrides(args))
+    return run_summarize(settings, masked_settings(settings), stop.on_stop)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from consumer.demo import run_demo
 
@@ -319,6 +338,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         events=args.events,
         model_path=args.model_path,
         bootstrap_servers=args.bootstrap_servers,
+        keep_open=args.keep_open,
     )
 
 
@@ -356,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         "check": cmd_check,
         "produce": cmd_produce,
         "replay": cmd_replay,
+        "summarize": cmd_summarize,
+        "dashboard": cmd_dashboard,
         "demo": cmd_demo,
         "make-tiny-model": cmd_make_tiny_model,
     }

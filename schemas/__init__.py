@@ -10,21 +10,37 @@ from schemas.dead_letter import (
     original_headers,
 )
 from schemas.events import FaceBox, FrameEvent, SourceCoordinates
-from schemas.results import EmotionResult, FaceEmotion, ResultStatus, result_id_for
+from schemas.results import (
+    ClassifiedFace,
+    EmotionResult,
+    Face,
+    FaceQuality,
+    QualityFlag,
+    ResultStatus,
+    SkippedFace,
+    result_id_for,
+)
+from schemas.summary import LabelSummary, WindowSummary
 
 __all__ = [
     "HEADER_PREFIX",
     "TRANSIENT_KINDS",
+    "ClassifiedFace",
     "DeadLetter",
     "DeadLetterHeaders",
     "EmotionResult",
     "ErrorKind",
+    "Face",
     "FaceBox",
-    "FaceEmotion",
+    "FaceQuality",
     "FrameEvent",
+    "LabelSummary",
+    "QualityFlag",
     "RecordHeader",
     "ResultStatus",
+    "SkippedFace",
     "SourceCoordinates",
+    "WindowSummary",
     "original_headers",
     "result_id_for",
 ]

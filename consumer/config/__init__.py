@@ -10,13 +10,14 @@ One module per concern: ``settings`` (WorkerSettings, ENV_PREFIX, load_settings 
 config file source), ``errors`` (ConfigError and how validation errors are reported), one
 module per group of sections (``kafka``, ``model`` with ``batch``, ``fetch`` with
 ``fetch.s3``, ``decode`` with ``faces``, ``flow``, ``dead_letter``, ``ops`` with
-``health``, ``processes`` and ``log``), and ``reference``, which writes
-docs/configuration.md from them (``python -m consumer.config.reference``). Import from the
-package: the modules are its layout, not its interface.
+``health``, ``processes`` and ``log``, ``summarize``, ``dashboard``), and ``reference``,
+which writes docs/configuration.md from them (``python -m consumer.config.reference``).
+Import from the package: the modules are its layout, not its interface.
 """
 
 # `reference` is deliberately not imported: it is a command, and importing it here would
 # make `python -m consumer.config.reference` warn that the module was already imported.
+from consumer.config.dashboard import DashboardSettings
 from consumer.config.dead_letter import DeadLetterSettings
 from consumer.config.decode import DecodeSettings, FaceSettings
 from consumer.config.errors import ConfigError, describe_validation_error
@@ -26,6 +27,7 @@ from consumer.config.kafka import KafkaSettings
 from consumer.config.model import DEFAULT_PROMPT, FER_LABELS, BatchSettings, ModelSettings
 from consumer.config.ops import HealthSettings, LogSettings, ProcessSettings
 from consumer.config.settings import ENV_PREFIX, WorkerSettings, load_settings
+from consumer.config.summarize import SummarizeSettings
 
 __all__ = [
     "DEFAULT_PROMPT",
@@ -33,6 +35,7 @@ __all__ = [
     "FER_LABELS",
     "BatchSettings",
     "ConfigError",
+    "DashboardSettings",
     "DeadLetterSettings",
     "DecodeSettings",
     "FaceSettings",
@@ -44,6 +47,7 @@ __all__ = [
     "ModelSettings",
     "ProcessSettings",
     "S3Settings",
+    "SummarizeSettings",
     "WorkerSettings",
     "describe_validation_error",
     "load_settings",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from consumer.config.base import Section
 
@@ -63,6 +63,18 @@ class FaceSettings(Section):
             "for pre-cropped, FER-style input). `haar`: OpenCV's frontal-face Haar cascade."
         ),
     )
+    # Off by default: the Haar cascade finds a face in only 61-77% of the committed FER
+    # faces (bench/README.md), so checking would flag a quarter of good faces.
+    verify_whole_image: bool = Field(
+        default=False,
+        description=(
+            "With `faces.detector = none`: check with OpenCV's Haar cascade that the whole "
+            "image really holds a face. Found: the face's `vouched_by` is `detector`; not "
+            "found: it stays `none` and is flagged `no_face_found` (quality score at most "
+            "0.4, so `faces.min_quality = 0.5` skips it). For streams that may carry "
+            "non-facial images; it misses about a quarter of real FER-style faces."
+        ),
+    )
     # The classifier was trained on crops with some forehead and chin.
     margin: float = Field(
         default=0.0,
@@ -79,7 +91,23 @@ class FaceSettings(Section):
         default=48,
         ge=8,
         le=4096,
-        description="Detections smaller than this (pixels, shorter side) are ignored.",
+        description=(
+            "Detections smaller than this (pixels, shorter side) are ignored, and any face "
+            "under it (the event's box, or the whole image) is flagged `small` in its quality."
+        ),
+    )
+    # Off by default: every face is classified and its quality only reported. The score's
+    # scale is in consumer/decode/quality.py; 0.5 skips e.g. a face half min_face_px tall.
+    min_quality: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description=(
+            "Faces whose quality score (0-1, in every result: the smallest of the size, "
+            "sharpness, darkness and overexposure factors, 1 when nothing is flagged) is "
+            "below this are not classified: the result lists them with status `skipped` and "
+            "the reason, and they cost no model time. Unset: every face is classified."
+        ),
     )
     max_faces: int = Field(
         default=16,
@@ -124,3 +152,13 @@ class FaceSettings(Section):
         default="alt2",
         description="Which of the OpenCV wheel's frontal-face Haar cascades is used.",
     )
+
+    @model_validator(mode="after")
+    def _verify_needs_whole_images(self) -> FaceSettings:
+        if self.verify_whole_image and self.detector != "none":
+            raise ValueError(
+                "faces.verify_whole_image checks whole images, which are only taken as "
+                f"faces with faces.detector = none (it is {self.detector!r}): the detector "
+                "already vouches for its faces; remove faces.verify_whole_image"
+            )
+        return self

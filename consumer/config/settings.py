@@ -22,6 +22,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from consumer.config.dashboard import DashboardSettings
 from consumer.config.dead_letter import DeadLetterSettings
 from consumer.config.decode import DecodeSettings, FaceSettings
 from consumer.config.errors import ConfigError, describe_validation_error
@@ -30,6 +31,7 @@ from consumer.config.flow import FlowSettings
 from consumer.config.kafka import KafkaSettings
 from consumer.config.model import BatchSettings, ModelSettings
 from consumer.config.ops import HealthSettings, LogSettings, ProcessSettings
+from consumer.config.summarize import SummarizeSettings
 
 # Every setting's environment variable starts with this (EMOTION_WORKER_KAFKA__GROUP_ID).
 ENV_PREFIX = "EMOTION_WORKER_"
@@ -56,6 +58,8 @@ class WorkerSettings(BaseSettings):
     health: HealthSettings = HealthSettings()
     processes: ProcessSettings = ProcessSettings()
     log: LogSettings = LogSettings()
+    summarize: SummarizeSettings = SummarizeSettings()
+    dashboard: DashboardSettings = DashboardSettings()
 
     @field_validator("kafka", mode="before")
     @classmethod

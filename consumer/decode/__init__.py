@@ -1,1 +1,2 @@
-"""Bytes to face crops: image decoding, face detection and cropping, and the decoder processes."""
+"""Bytes to face crops: image decoding, face detection and cropping, the decoder processes,
+and the quality of each face crop."""

@@ -15,14 +15,15 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
-from typing import IO, Any
+from typing import IO, Any, get_args
 
 from PIL import Image
 
 from consumer.config import FaceSettings
-from consumer.decode.detect import FaceDetector, make_detector
+from consumer.decode.detect import FaceDetector, make_detector, make_verifier
 from consumer.decode.faces import crop_faces, event_boxes, grow, whole_image
 from consumer.decode.images import decode_image
+from consumer.decode.quality import VouchedBy
 from consumer.errors import EventError
 from schemas import FaceBox
 
@@ -37,10 +38,15 @@ class Cropped:
     """The faces of one frame: their boxes in full-image pixels and an RGB crop each.
 
     No boxes means the detector found no face (the result's status is no_face).
+    `vouched_by` says where the boxes came from: the event, the detector, or nobody (the
+    whole image, faces.detector = "none").
     """
 
     boxes: list[FaceBox]
     crops: list[Image.Image]
+    vouched_by: VouchedBy
+    # faces.verify_whole_image: False when the check found no face; None when not checked.
+    face_found: bool | None = None
 
 
 class FrameCropper:
@@ -50,15 +56,23 @@ class FrameCropper:
         self.faces = faces
         self.max_pixels = max_pixels
         self.detector: FaceDetector | None = make_detector(faces)
+        self.verifier = make_verifier(faces)
 
     def __call__(self, data: bytes, boxes: list[FaceBox] | None) -> Cropped:
         image = decode_image(data, self.max_pixels)
+        vouched_by: VouchedBy
+        face_found: bool | None = None
         if boxes:
-            found = event_boxes(image.size, boxes, self.faces.margin)
+            found, vouched_by = event_boxes(image.size, boxes, self.faces.margin), "event"
         elif self.detector is None:
-            found = whole_image(image.size)
+            found, vouched_by = whole_image(image.size), "none"
+            if self.verifier is not None:
+                face_found = self.verifier.has_face(image)
+                vouched_by = "detector" if face_found else "none"
         else:
-            found = [grow(b, self.faces.margin, image.size) for b in self.detector.detect(image)]
+            detected = self.detector.detect(image)
+            found = [grow(b, self.faces.margin, image.size) for b in detected]
+            vouched_by = "detector"
         area = sum(b.width * b.height for b in found)
         if area > self.faces.max_crop_pixels:
             raise EventError(
@@ -71,7 +85,7 @@ class FrameCropper:
         for crop in crops:
             # Crops are views in Pillow's lazy sense; load now so the frame can be freed.
             crop.load()
-        return Cropped(found, crops)
+        return Cropped(found, crops, vouched_by, face_found)
 
 
 # ---- wire format -------------------------------------------------------------------------
@@ -107,11 +121,14 @@ def boxes_from_json(raw: Any) -> list[FaceBox] | None:
 
 
 def encode_cropped(cropped: Cropped) -> tuple[dict[str, Any], bytes]:
-    """A decoder's reply header and payload: boxes, crop sizes, concatenated RGB pixels."""
+    """A decoder's reply header and payload: boxes, crop sizes, where the boxes came
+    from, concatenated RGB pixels."""
     header = {
         "ok": True,
         "boxes": boxes_to_json(cropped.boxes),
         "sizes": [list(c.size) for c in cropped.crops],
+        "vouched_by": cropped.vouched_by,
+        "face_found": cropped.face_found,
     }
     return header, b"".join(c.tobytes() for c in cropped.crops)
 
@@ -122,13 +139,19 @@ def decode_cropped(header: dict[str, Any], payload: bytes) -> Cropped:
     sizes = [(int(w), int(h)) for w, h in header["sizes"]]
     if len(sizes) != len(boxes) or sum(w * h * 3 for w, h in sizes) != len(payload):
         raise ValueError("decoder reply: crop sizes do not match the payload")
+    vouched_by: VouchedBy = header.get("vouched_by", "")
+    if vouched_by not in get_args(VouchedBy):
+        raise ValueError(f"decoder reply: unknown vouched_by {vouched_by!r}")
     crops, cursor = [], 0
     view = memoryview(payload)  # slices without copying; frombytes makes the one copy
     for width, height in sizes:
         end = cursor + width * height * 3
         crops.append(Image.frombytes("RGB", (width, height), view[cursor:end]))
         cursor = end
-    return Cropped(boxes, crops)
+    face_found = header.get("face_found")
+    if face_found not in (True, False, None):
+        raise ValueError(f"decoder reply: face_found is {face_found!r}, not a boolean")
+    return Cropped(boxes, crops, vouched_by, face_found)
 
 
 def encode_error(exc: EventError) -> dict[str, Any]:

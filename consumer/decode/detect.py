@@ -161,6 +161,33 @@ class HaarDetector:
         boxes.sort(key=lambda b: (-b.width * b.height, b.y, b.x))
         return boxes[: settings.max_faces]
 
+    def has_face(self, image: Image.Image) -> bool:
+        """Whether a whole image (a pre-cropped face) holds a face at all.
+
+        The image is padded by a quarter of its shorter side (edge pixels repeated): a
+        tight crop cuts the forehead and chin the cascade's window expects. A detection of
+        at least 0.4 of the shorter side counts (the cascade's smallest window is 20 px).
+        """
+        gray = np.asarray(image.convert("L"))
+        pad = max(1, min(gray.shape) // 4)
+        gray = cv2.copyMakeBorder(gray, pad, pad, pad, pad, cv2.BORDER_REPLICATE)
+        side = max(20, round(0.4 * min(image.size)))
+        found = self._classifier().detectMultiScale(
+            cv2.equalizeHist(gray),
+            scaleFactor=self.settings.haar_scale_factor,
+            minNeighbors=self.settings.haar_min_neighbors,
+            minSize=(side, side),
+        )
+        return len(found) > 0
+
+
+def make_verifier(settings: FaceSettings) -> HaarDetector | None:
+    """The whole-image check of faces.verify_whole_image (HaarDetector.has_face), or None
+    when it is off."""
+    if settings.detector != "none" or not settings.verify_whole_image:
+        return None
+    return HaarDetector(settings, CASCADES[settings.haar_cascade])
+
 
 def make_detector(settings: FaceSettings) -> FaceDetector | None:
     """The configured detector, or None when every image is already one face ("none")."""

@@ -8,10 +8,15 @@ The README's operations section lists them.
 
 from __future__ import annotations
 
+import functools
 import json
+import platform
 import threading
 import time
+from collections import Counter as Tally
+from collections.abc import Iterable
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 import structlog
@@ -122,6 +127,19 @@ class WorkerMetrics:
             "GPU memory held by tensors on the model's device (0 on CPU).",
             registry=r,
         )
+        self.faces = Counter(
+            p + "faces",
+            "Faces classified, by predicted label (results acknowledged by the broker).",
+            ["label"],
+            registry=r,
+        )
+        self.build_info = Gauge(
+            p + "build_info",
+            "Always 1; the labels are the versions of the worker and of what it runs on.",
+            list(BUILD_INFO_LABELS),
+            registry=r,
+        )
+        self.build_info.labels(**build_versions()).set(1)
         self.ready = Gauge(p + "ready", "1 when /readyz answers 200.", registry=r)
         self.up_since = Gauge(
             p + "start_time_seconds", "Unix time the worker process started.", registry=r
@@ -137,10 +155,48 @@ class WorkerMetrics:
             dropped=_total(self.outcomes_dropped),
         )
 
+    def count_faces(self, labels: Iterable[str]) -> None:
+        """One published result's faces, by predicted label."""
+        for label, count in Tally(labels).items():
+            self.faces.labels(label=label).inc(count)
+
     def set_lag(self, lag: dict[tuple[str, int], int]) -> None:
         self.consumer_lag.clear()  # partitions that left must not linger
         for (topic, partition), value in lag.items():
             self.consumer_lag.labels(topic=topic, partition=str(partition)).set(value)
+
+
+# emotion_worker_build_info's labels: few and stable (one series per pod and release).
+BUILD_INFO_LABELS = ("version", "python", "torch", "transformers", "confluent_kafka", "librdkafka")
+
+
+@functools.cache
+def build_versions() -> dict[str, str]:
+    """The versions emotion_worker_build_info carries, read from package metadata (torch
+    and transformers are not imported for it); "none" for a package that is missing. The
+    worker's own is consumer.__version__, read the same way (ops sits below the package
+    root, tests/unit/test_layout.py)."""
+
+    def installed(name: str, missing: str = "none") -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return missing
+
+    try:
+        import confluent_kafka
+
+        librdkafka = str(confluent_kafka.libversion()[0])
+    except ImportError:
+        librdkafka = "none"
+    return {
+        "version": installed("emotion-worker", "0+unknown"),
+        "python": platform.python_version(),
+        "torch": installed("torch"),
+        "transformers": installed("transformers"),
+        "confluent_kafka": installed("confluent-kafka"),
+        "librdkafka": librdkafka,
+    }
 
 
 @dataclass(frozen=True)

@@ -58,7 +58,7 @@ class BatchRunner:
         log.debug(
             "batch classified",
             events=len(batch),
-            faces=sum(len(p.crops) for p in prepared),
+            faces=sum(len(p.model_crops) for p in prepared),
             model_ms=round((time.perf_counter() - started) * 1000, 2),
         )
         outcomes = []
@@ -82,8 +82,11 @@ class BatchRunner:
     def _score_events(
         self, events: list[PreparedEvent]
     ) -> dict[int, Sequence[ScoredFace] | BaseException]:
-        """Scores per event (keyed by id), or the exception that event's faces raised."""
-        crops = [crop for event in events for crop in event.crops]
+        """Scores per event (keyed by id), or the exception that event's faces raised.
+
+        Only the faces to classify go to the engine: faces.min_quality's skipped ones cost
+        no model time."""
+        crops = [crop for event in events for crop in event.model_crops]
         if not crops:
             return {id(event): [] for event in events}
         try:
@@ -99,8 +102,9 @@ class BatchRunner:
         out: dict[int, Sequence[ScoredFace] | BaseException] = {}
         cursor = 0
         for event in events:
-            out[id(event)] = flat[cursor : cursor + len(event.crops)]
-            cursor += len(event.crops)
+            count = len(event.model_crops)
+            out[id(event)] = flat[cursor : cursor + count]
+            cursor += count
         return out
 
     def _classify_splitting(self, crops: list[Image.Image]) -> list[ScoredFace]:

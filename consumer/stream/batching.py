@@ -16,7 +16,8 @@ from consumer.stream.records import Item, PreparedEvent
 
 
 def face_count(item: Item) -> int:
-    return len(item.crops) if isinstance(item, PreparedEvent) else 0
+    """The faces an item brings to the model (faces skipped for low quality do not count)."""
+    return len(item.model_crops) if isinstance(item, PreparedEvent) else 0
 
 
 class MicroBatcher:

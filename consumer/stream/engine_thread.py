@@ -14,10 +14,10 @@ import structlog
 
 from consumer.ops.metrics import WorkerMetrics
 from consumer.stream.batch_runner import BatchRunner
-from consumer.stream.batching import MicroBatcher
+from consumer.stream.batching import MicroBatcher, face_count
 from consumer.stream.failure import Failure
 from consumer.stream.publisher import Publisher
-from consumer.stream.records import Item, PreparedEvent
+from consumer.stream.records import Item
 
 log = structlog.get_logger("consumer.stream.engine_thread")
 
@@ -69,7 +69,7 @@ class EngineThread:
         for item in batch:
             metrics.queue_wait.observe(started - item.record.read_at)
         outcomes = self._runner.run(batch)
-        faces = sum(len(i.crops) for i in batch if isinstance(i, PreparedEvent))
+        faces = sum(face_count(i) for i in batch)
         metrics.model_time.observe(time.monotonic() - started)
         metrics.batch_faces.observe(faces)
         metrics.batch_face_fill_ratio.observe(faces / self._max_batch_faces)

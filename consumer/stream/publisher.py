@@ -115,6 +115,7 @@ class Publisher:
             metrics.dead_letters.labels(reason=outcome.label).inc()
         else:
             metrics.results_published.labels(status=outcome.label).inc()
+            metrics.count_faces(outcome.face_labels)
         now = time.time()
         if outcome.captured_at is not None:
             metrics.capture_to_publish.observe(max(0.0, now - outcome.captured_at.timestamp()))

@@ -8,7 +8,7 @@ from datetime import datetime
 from PIL import Image
 
 from consumer.errors import EventError
-from schemas import ErrorKind, FaceBox, FrameEvent, SourceCoordinates
+from schemas import ErrorKind, FaceBox, FaceQuality, FrameEvent, SourceCoordinates
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,13 +35,26 @@ class InputRecord:
 
 @dataclass(slots=True)
 class PreparedEvent:
-    """A valid event whose image was fetched and decoded, with one RGB crop per face."""
+    """A valid event whose image was fetched and decoded, with one RGB crop per face.
+
+    `quality` has one entry per face (box order); `skip_reasons` maps the index of each
+    face under faces.min_quality to why it is skipped. Only `model_crops` go to the model.
+    """
 
     record: InputRecord
     event: FrameEvent
     boxes: list[FaceBox]
     crops: list[Image.Image]
     fetch_attempts: int = 1
+    quality: list[FaceQuality] = field(default_factory=list)
+    skip_reasons: dict[int, str] = field(default_factory=dict)
+
+    @property
+    def model_crops(self) -> list[Image.Image]:
+        """The crops of the faces to classify, in box order (skipped faces left out)."""
+        if not self.skip_reasons:
+            return self.crops
+        return [c for i, c in enumerate(self.crops) if i not in self.skip_reasons]
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +104,7 @@ class Outcome:
     headers: list[tuple[str, str | bytes | None]] = field(default_factory=list)
     event_id: str | None = None
     reason: str | None = None  # dead letters: "<error_kind>: <message>", for the log
-    label: str = ""  # results: the status (ok, no_face); dead letters: the error kind
+    label: str = ""  # results: the status (ok, no_face, skipped); dead letters: the error kind
     stream_id: str | None = None  # for the log; None when the event could not be parsed
     captured_at: datetime | None = None  # the event's, for the end-to-end latency metric
+    face_labels: tuple[str, ...] = ()  # results: each face's predicted label (faces metric)

@@ -229,7 +229,8 @@ class Worker:
 
     def _prepare(self, record: InputRecord, event: Any) -> Item:
         """On a fetch thread: fetch, decode and crop; count what the crops hold."""
-        item = prepare_event(record, event, self.settings.fetch, self._decoder)
+        settings = self.settings
+        item = prepare_event(record, event, settings.fetch, self._decoder, settings.faces)
         attempts = item.fetch_attempts
         if attempts > 1:
             self.metrics.fetch_retries.inc(attempts - 1)

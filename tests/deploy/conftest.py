@@ -1,7 +1,7 @@
-"""Fixtures of the deployment tests: the rendered overlays and the CRD schemas.
+"""Fixtures of the deployment tests: the rendered overlays, the CRD schemas and promtool.
 
-Rendering and the CRDs need Go (deploy/manifests.py); without it these tests fail with a
-message saying what to install, they are not skipped.
+Rendering, the CRDs and promtool need Go (deploy/manifests.py); without it these tests fail
+with a message saying what to install, they are not skipped.
 """
 
 from __future__ import annotations
@@ -45,6 +45,15 @@ def crds() -> dict[tuple[str, str], dict[str, Any]]:
             pytest.fail(str(exc), pytrace=False)
         out[(group, kind)] = yaml.safe_load(path.read_text(encoding="utf-8"))
     return out
+
+
+@pytest.fixture(scope="session")
+def promtool() -> Path:
+    """promtool, built from Prometheus's Go module on first use (deploy/manifests.py)."""
+    try:
+        return manifests.promtool_binary()
+    except manifests.ToolMissingError as exc:
+        pytest.fail(str(exc), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -1,11 +1,12 @@
 """The Kubernetes manifests (deploy/k8s), rendered by kustomize and checked offline.
 
 Core kinds against the Kubernetes API schemas (kubernetes-validate); KEDA's ScaledObject and
-TriggerAuthentication and the Prometheus Operator's ServiceMonitor against their projects'
-real CRDs (fetched as Go modules, deploy/manifests.py); then what the schemas cannot know:
-the worker's effective settings inside the pod (its own config loader, fed with the rendered
-ConfigMap, the container's env and args) against probes, ports, grace period, volumes,
-the compile cache, the autoscaler's trigger and the Secret references.
+TriggerAuthentication and the Prometheus Operator's ServiceMonitor and PrometheusRule against
+their projects' real CRDs (fetched as Go modules, deploy/manifests.py); then what the schemas
+cannot know: the worker's effective settings inside the pod (its own config loader, fed with
+the rendered ConfigMap, the container's env and args) against probes, ports, grace period,
+volumes, the compile cache, the autoscaler's trigger and the Secret references. The alerts'
+and the dashboard's own checks are in test_monitoring.py.
 """
 
 from __future__ import annotations
@@ -91,9 +92,15 @@ def _of_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
 
 
 def _one(objs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
-    found = _of_kind(objs, kind)
+    """The worker's one object of this kind (the summarizer's: test_summarizer_manifests.py)."""
+    found = [o for o in _of_kind(objs, kind) if _component(o) != "summarizer"]
     assert len(found) == 1, f"expected one {kind}, found {len(found)}"
     return found[0]
+
+
+def _component(obj: dict[str, Any]) -> str | None:
+    component = obj["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+    return None if component is None else str(component)
 
 
 def _pod_spec(objs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -288,6 +295,7 @@ def _cel_rules(schema: Any) -> set[str]:
 
 CUSTOM_KINDS = {("keda.sh", "ScaledObject"), ("keda.sh", "TriggerAuthentication")}
 CUSTOM_KINDS |= {("monitoring.coreos.com", "ServiceMonitor")}
+CUSTOM_KINDS |= {("monitoring.coreos.com", "PrometheusRule")}
 
 
 def test_custom_resources_match_their_crds(
@@ -316,7 +324,7 @@ def test_custom_resources_match_their_crds(
             assert re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", meta["name"]), meta["name"]
             assert len(meta["name"]) <= 63
             checked.add(obj["kind"])
-    assert checked == {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}
+    assert checked == {kind for _, kind in CUSTOM_KINDS}
 
 
 def test_strict_schema_catches_a_misspelt_field(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from schemas import EmotionResult, result_id_for
+from schemas import ClassifiedFace, EmotionResult, result_id_for
 from tests.support.events import event_bytes
 from tests.support.kafka import committed, end_offsets, produce, read
 from tests.support.worker import WorkerProcess
@@ -55,7 +55,11 @@ def test_every_event_gets_exactly_one_result(
         assert result.result_id == result_id_for(result.source)
         assert result.status == "ok" and len(result.faces) == 1
         face = result.faces[0]
+        assert isinstance(face, ClassifiedFace) and result.schema_version == 2
         assert face.box.width == face.box.height == 48
+        # Pre-cropped FER faces: the whole image is the face, nobody vouched, no flag for it.
+        assert face.quality.vouched_by == "none" and "no_face_found" not in face.quality.flags
+        assert (face.quality.width, face.quality.height) == (48, 48)
         assert abs(sum(face.scores.values()) - 1.0) < 1e-4
         assert face.label == max(face.scores, key=lambda k: face.scores[k])
         seen.add(coord)

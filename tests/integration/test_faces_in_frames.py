@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from schemas import EmotionResult, FaceBox
+from schemas import ClassifiedFace, EmotionResult, FaceBox
 from tests.support.events import event_bytes
 from tests.support.kafka import produce, read
 
@@ -90,5 +90,9 @@ def test_detector_frames_give_one_result_per_frame_with_every_face(
             # Every true face is matched by a detected (and margin-grown) box.
             assert max(_iou(f.box, box) for f in result.faces) >= 0.4, (name, box, result.faces)
         for face in result.faces:
+            assert isinstance(face, ClassifiedFace) and face.quality.vouched_by == "detector"
             assert abs(sum(face.scores.values()) - 1) < 1e-4
-    assert results["given"].faces[0].box == FaceBox(x=90, y=95, width=120, height=60)
+    given = results["given"].faces[0]
+    assert given.box == FaceBox(x=90, y=95, width=120, height=60)
+    assert given.quality.vouched_by == "event"
+    assert (given.quality.width, given.quality.height) == (120, 60)

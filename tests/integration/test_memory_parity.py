@@ -11,7 +11,7 @@ import json
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,7 @@ from confluent_kafka import TopicPartition
 from consumer.decode.pool import InlineDecoder
 from consumer.stream.memory_broker import MemoryBroker
 from consumer.stream.worker import Worker
+from schemas import DeadLetter
 from tests.support.events import event_bytes
 from tests.support.kafka import committed, end_offsets, produce, read
 from tests.unit.test_worker_in_memory import FACES, FACES_DIR, StubEngine, worker_settings
@@ -62,13 +63,19 @@ def _run(worker: Worker, done: Callable[[], bool], timeout_s: float) -> int | No
     return code[0] if code else None
 
 
-def _outcomes(results: list[bytes], dead_letters: list[bytes], offsets: dict[int, int]) -> Outcomes:
-    letters = [json.loads(v) for v in dead_letters]
+# A dead letter as read from either broker: key, value, headers.
+Letter = tuple[bytes | None, bytes, Sequence[tuple[str, bytes | None]]]
+
+
+def _outcomes(
+    results: list[bytes], dead_letters: list[Letter], offsets: dict[int, int]
+) -> Outcomes:
+    # Dead letters are the input record itself with the worker's emotion.* headers.
+    letters = [DeadLetter.from_record(*letter) for letter in dead_letters]
     return Outcomes(
         results=Counter(json.loads(v)["event_id"] for v in results),
         dead_letters=Counter(
-            (d["event_id"], d["error_kind"], d["source"]["partition"], d["source"]["offset"])
-            for d in letters
+            (d.event_id, d.error_kind, d.source_partition, d.source_offset) for d in letters
         ),
         committed=offsets,
     )
@@ -98,7 +105,10 @@ def _on_kafka(
 
     assert _run(worker, all_committed, timeout_s=120) == 0
     results = [r.value for r in read(bootstrap, out, expected=58, timeout_s=30, idle_s=1)]
-    letters = [r.value for r in read(bootstrap, dead, expected=2, timeout_s=30, idle_s=1)]
+    letters: list[Letter] = [
+        (r.key, r.value, r.headers)
+        for r in read(bootstrap, dead, expected=2, timeout_s=30, idle_s=1)
+    ]
     return _outcomes(results, letters, committed(bootstrap, group, frames, PARTITIONS))
 
 
@@ -122,7 +132,9 @@ def _in_memory(events: list[tuple[bytes | None, bytes]]) -> Outcomes:
     ends = broker.end_offsets("frames")
     assert _run(worker, lambda: broker.committed("group", "frames") == ends, 30) == 0
     results = [m.value() or b"" for m in broker.records("emotions")]
-    letters = [m.value() or b"" for m in broker.records("dead")]
+    letters: list[Letter] = [
+        (m.key(), m.value() or b"", m.headers() or []) for m in broker.records("dead")
+    ]
     return _outcomes(results, letters, broker.committed("group", "frames"))
 
 

@@ -63,6 +63,16 @@ def test_face_count_not_event_count_fills_a_batch() -> None:
     assert offsets(batcher.next_batch(stop)) == [2]
 
 
+def test_faces_skipped_for_low_quality_take_no_room_in_a_batch() -> None:
+    batcher = MicroBatcher(max_faces=4, max_wait_s=10.0)
+    skipping = prepared(0, faces=5)
+    skipping.skip_reasons = {0: "low", 1: "low", 2: "low"}  # 2 faces left for the model
+    batcher.put(done(skipping))
+    batcher.put(done(prepared(1, faces=2)))
+    batcher.put(done(prepared(2)))
+    assert offsets(batcher.next_batch(threading.Event())) == [0, 1]
+
+
 def test_waits_for_the_head_to_keep_order() -> None:
     batcher = MicroBatcher(max_faces=8, max_wait_s=0.5)
     slow: Future[PreparedEvent | FailedEvent] = Future()

@@ -52,6 +52,8 @@ def test_librdkafka_settings_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ({"model": {"prompt": "no placeholder"}}, "<image>"),
         ({"model": {"answer_words": ["a", "b"]}}, "one word per label"),
         ({"flow": {"max_in_flight": 10, "resume_below": 10}}, "flow.resume_below"),
+        ({"faces": {"min_quality": 1.5}}, "faces.min_quality"),
+        ({"faces": {"min_quality": -0.1}}, "faces.min_quality"),
     ],
 )
 def test_mistakes_name_the_field(overrides: dict[str, object], words: str) -> None:
@@ -242,3 +244,11 @@ def test_the_removed_fp8_key_names_its_replacement(
         load_settings()
     with pytest.raises(ConfigError, match="EMOTION_WORKER_MODEL__FP8"):
         load_settings(overrides={"model": {"precision": "fp8"}})  # still there: still refused
+
+
+def test_verify_whole_image_needs_the_whole_image_as_the_face() -> None:
+    from consumer.config import FaceSettings
+
+    assert FaceSettings(verify_whole_image=True).verify_whole_image
+    with pytest.raises(ValueError, match=r"remove faces\.verify_whole_image"):
+        FaceSettings(detector="haar", verify_whole_image=True)

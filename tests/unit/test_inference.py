@@ -2,7 +2,8 @@
 
 A real CUDA out-of-memory cannot be produced on the CPU-only CI machines, so these tests
 use a stand-in engine that raises torch.OutOfMemoryError above a batch size (the test
-says so); everything else is the real code.
+says so); everything else is the real code. Faces under faces.min_quality never reach
+the engine.
 """
 
 from __future__ import annotations
@@ -14,11 +15,18 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from consumer.config import FaceSettings
+from consumer.decode.decoding import Cropped
 from consumer.stream.batch_runner import BatchRunner
+from consumer.stream.batching import face_count
 from consumer.stream.records import FailedEvent, InputRecord, PreparedEvent
-from schemas import DeadLetter, EmotionResult, FaceBox, FrameEvent
+from consumer.stream.stages import assess_faces
+from schemas import ClassifiedFace, DeadLetter, EmotionResult, FaceBox, FrameEvent, SkippedFace
+from tests.conftest import FER_FACES
 
 LABELS = ("happy", "sad")
+# A real FER face (quality score 1): the red of its top-left pixel is what the stand-in reads.
+GOOD_FACE = Image.open(sorted((FER_FACES / "happy").glob("*.png"))[0]).convert("RGB")
 
 
 @dataclass
@@ -53,7 +61,19 @@ class StandInEngine:
         return out
 
 
-def event(offset: int, reds: list[int]) -> PreparedEvent:
+def face(red: int, side: int | None = None) -> Image.Image:
+    """A FER face with its top-left pixel's red set; `side` shrinks it (a low-quality face)."""
+    crop = GOOD_FACE.copy()
+    if side is not None:
+        crop = crop.resize((side, side))
+    crop.putpixel((0, 0), (red, 0, 0))
+    return crop
+
+
+def event(
+    offset: int, reds: list[int], small: tuple[int, ...] = (), min_quality: float | None = None
+) -> PreparedEvent:
+    """An event with a face per red; the faces at the indexes in `small` are 12 px."""
     record = InputRecord("frames", 0, offset, b"k", b"{}")
     frame = FrameEvent.model_validate_json(
         json.dumps(
@@ -65,9 +85,10 @@ def event(offset: int, reds: list[int]) -> PreparedEvent:
             }
         )
     )
-    crops = [Image.new("RGB", (4, 4), (r, 0, 0)) for r in reds]
-    boxes = [FaceBox(x=0, y=0, width=4, height=4) for _ in reds]
-    return PreparedEvent(record, frame, boxes, crops)
+    crops = [face(r, 12 if i in small else None) for i, r in enumerate(reds)]
+    boxes = [FaceBox(x=i * 50, y=0, width=c.width, height=c.height) for i, c in enumerate(crops)]
+    faces = FaceSettings(min_quality=min_quality)
+    return assess_faces(record, frame, Cropped(boxes, crops, "event"), faces)
 
 
 def runner(engine: StandInEngine) -> BatchRunner:
@@ -120,3 +141,43 @@ def test_failed_items_pass_through_in_order() -> None:
     outcomes = runner(StandInEngine()).run([event(0, [255]), failed, event(2, [0])])
     assert [o.record.offset for o in outcomes] == [0, 1, 2]
     assert [o.is_dead_letter for o in outcomes] == [False, True, False]
+
+
+def test_faces_under_min_quality_never_reach_the_engine() -> None:
+    engine = StandInEngine()
+    batch = [
+        event(0, [255, 0], small=(1,), min_quality=0.5),  # one face kept, one skipped
+        event(1, [0], small=(0,), min_quality=0.5),  # every face skipped
+        event(2, [0], min_quality=0.5),
+    ]
+    assert [face_count(item) for item in batch] == [1, 0, 1]  # what micro-batching counts
+    outcomes = runner(engine).run(batch)
+    assert engine.calls == [2]  # the two kept faces, in one call
+    results = [EmotionResult.model_validate_json(o.value) for o in outcomes]
+    assert [r.status for r in results] == ["ok", "skipped", "ok"]
+    kept, skipped = results[0].faces
+    assert isinstance(kept, ClassifiedFace) and kept.label == "happy"
+    assert isinstance(skipped, SkippedFace) and skipped.box.x == 50  # box order kept
+    assert skipped.reason.startswith(f"quality {skipped.quality.score:.3g} < faces.min_quality")
+    assert "0.5 (small, blurry)" in skipped.reason
+    assert skipped.quality.flags == ["small", "blurry"] and skipped.quality.width == 12
+    assert isinstance(results[2].faces[0], ClassifiedFace) and results[2].faces[0].label == "sad"
+    # The ops metrics count labels of classified faces only.
+    assert [o.face_labels for o in outcomes] == [("happy",), (), ("sad",)]
+
+
+def test_a_batch_of_only_skipped_faces_makes_no_engine_call() -> None:
+    engine = StandInEngine()
+    outcomes = runner(engine).run([event(0, [255, 0], small=(0, 1), min_quality=0.5)])
+    assert engine.calls == []
+    result = EmotionResult.model_validate_json(outcomes[0].value)
+    assert result.status == "skipped" and [f.status for f in result.faces] == ["skipped"] * 2
+
+
+def test_without_min_quality_low_quality_faces_are_classified_and_flagged() -> None:
+    engine = StandInEngine()
+    outcomes = runner(engine).run([event(0, [255, 0], small=(1,))])
+    assert engine.calls == [2]
+    tiny = EmotionResult.model_validate_json(outcomes[0].value).faces[1]
+    assert isinstance(tiny, ClassifiedFace) and tiny.label == "sad"
+    assert "small" in tiny.quality.flags and tiny.quality.score < 0.5

@@ -36,10 +36,13 @@ ALLOWED: dict[str, set[str]] = {
     "stream": {"config", "errors", "ops", "fetch", "decode"},
     "event_source": {"config", "stream"},
     "replay": {"config", "stream"},
+    # The summarizer: Kafka edges and client errors from stream, logging from ops.
+    "summarize": {"config", "stream", "ops"},
+    "dashboard": {"config", "ops", "stream"},
     "preflight": {"config", "ops", "engine", "stream"},
     "eval": {"config", "errors", "decode", "engine", "event_source"},
     "training": {"config", "engine", "eval"},
-    "demo": {"config", "ops", "engine", "stream", "event_source"},
+    "demo": {"config", "ops", "engine", "stream", "event_source", "summarize", "dashboard"},
 }
 
 

@@ -8,7 +8,7 @@ import pytest
 from pydantic import ValidationError
 
 from schemas import DeadLetterHeaders, EmotionResult, FrameEvent
-from schemas.export import MODELS, render, schema_path
+from schemas.export import MODELS, VERSIONS, render, schema_path
 
 VALID = {
     "event_id": "evt-1",
@@ -22,7 +22,7 @@ VALID = {
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_exported_schema_files_match_models(name: str) -> None:
     on_disk = schema_path(name).read_text(encoding="utf-8")
-    assert on_disk == render(MODELS[name]), (
+    assert on_disk == render(name), (
         f"{schema_path(name).name} drifted from the model; run `python -m schemas.export`"
     )
 
@@ -126,3 +126,93 @@ def test_dead_letter_headers_match_their_published_schema() -> None:
     without_event = dict(headers)
     del without_event["emotion.event.id"]
     jsonschema.validate(without_event, schema)  # the event id is absent for unreadable events
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_every_schema_names_its_draft_and_versioned_id(name: str) -> None:
+    import jsonschema
+
+    schema = json.loads(schema_path(name).read_text(encoding="utf-8"))
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert schema["$id"] == f"urn:emotion-worker:schema:{name}:v{VERSIONS[name]}"
+    jsonschema.Draft202012Validator.check_schema(schema)
+
+
+RESULT_V2 = {
+    "schema_version": 2,
+    "result_id": "0b6f2f4e-3c1a-5d7e-9a57-2f5f8c1d7e21",
+    "event_id": "evt-1",
+    "stream_id": "cam-7",
+    "source": {"topic": "frames", "partition": 0, "offset": 3},
+    "captured_at": "2026-12-01T12:00:00Z",
+    "processed_at": "2026-12-01T12:00:01Z",
+    "model_id": "llava-fer-small",
+    "status": "ok",
+    "faces": [
+        {
+            "status": "classified",
+            "box": {"x": 0, "y": 0, "width": 48, "height": 48},
+            "quality": {
+                "width": 48,
+                "height": 48,
+                "sharpness": 310.5,
+                "brightness": 0.52,
+                "contrast": 0.41,
+                "vouched_by": "event",
+                "score": 1.0,
+                "flags": [],
+            },
+            "label": "happy",
+            "confidence": 0.9,
+            "scores": {"happy": 0.9, "sad": 0.1},
+        },
+        {
+            "status": "skipped",
+            "box": {"x": 50, "y": 0, "width": 20, "height": 20},
+            "quality": {
+                "width": 20,
+                "height": 20,
+                "sharpness": 4.0,
+                "brightness": 0.1,
+                "contrast": 0.05,
+                "vouched_by": "detector",
+                "score": 0.12,
+                "flags": ["small", "blurry", "dark"],
+            },
+            "reason": "quality 0.12 < faces.min_quality 0.5 (small, blurry, dark)",
+        },
+    ],
+}
+
+
+def test_a_v2_result_validates_and_a_skipped_face_has_no_label() -> None:
+    import jsonschema
+
+    schema = json.loads(schema_path("emotion_result").read_text(encoding="utf-8"))
+    jsonschema.validate(RESULT_V2, schema)
+    result = EmotionResult.model_validate(RESULT_V2)
+    assert [type(f).__name__ for f in result.faces] == ["ClassifiedFace", "SkippedFace"]
+    skipped = dict(RESULT_V2["faces"][1], label="happy")  # type: ignore[call-overload]
+    with pytest.raises(ValidationError, match="label"):
+        EmotionResult.model_validate({**RESULT_V2, "faces": [skipped]})
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate({**RESULT_V2, "faces": [skipped]}, schema)
+
+
+def test_the_v1_result_schema_is_kept_beside_the_current_one() -> None:
+    """Readers still on version 1 need its schema as it was; v2 records do not match it."""
+    import jsonschema
+
+    old = json.loads(schema_path("emotion_result.v1").read_text(encoding="utf-8"))
+    assert old["$id"] == "urn:emotion-worker:schema:emotion_result:v1"
+    assert old["properties"]["schema_version"]["const"] == 1
+    v1 = {
+        **RESULT_V2,
+        "schema_version": 1,
+        "faces": [
+            {k: v for k, v in RESULT_V2["faces"][0].items() if k not in ("status", "quality")}  # type: ignore[attr-defined]
+        ],
+    }
+    jsonschema.validate(v1, old)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(RESULT_V2, old)

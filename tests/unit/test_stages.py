@@ -17,6 +17,7 @@ from consumer.errors import EventError
 from consumer.stream.records import FailedEvent, InputRecord, PreparedEvent
 from consumer.stream.stages import encode_dead_letter, encode_result, parse_event, prepare_event
 from schemas import DeadLetter, EmotionResult, FrameEvent, result_id_for
+from tests.conftest import FER_FACES
 
 DECODER = InlineDecoder(FaceSettings(), max_pixels=10_000_000)
 
@@ -98,6 +99,60 @@ def test_encode_result_points_back_at_its_source(tmp_path: Path) -> None:
     assert result.result_id == result_id_for(result.source)
     assert result.faces[0].label == "sad" and result.status == "ok"
     assert outcome.key == b"cam" and outcome.topic == "emotions"
+
+
+def _frame_with_a_face(tmp_path: Path) -> Path:
+    """A 200x100 grey frame with a real FER face, enlarged to 80 px, at (10, 10)."""
+    frame = Image.new("RGB", (200, 100), (120, 120, 120))
+    face = Image.open(sorted((FER_FACES / "sad").glob("*.png"))[0]).convert("RGB")
+    frame.paste(face.resize((80, 80), Image.Resampling.BICUBIC), (10, 10))
+    path = tmp_path / "frame.png"
+    frame.save(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("boxes", "min_quality", "status", "kinds"),
+    [
+        ([(10, 10, 80, 80), (150, 10, 12, 12)], 0.5, "ok", ["classified", "skipped"]),
+        ([(150, 10, 12, 12)], 0.5, "skipped", ["skipped"]),
+        ([(10, 10, 80, 80), (150, 10, 12, 12)], None, "ok", ["classified", "classified"]),
+    ],
+)
+def test_prepare_measures_quality_and_min_quality_skips(
+    tmp_path: Path,
+    boxes: list[tuple[int, int, int, int]],
+    min_quality: float | None,
+    status: str,
+    kinds: list[str],
+) -> None:
+    path = _frame_with_a_face(tmp_path)
+    faces = [{"x": x, "y": y, "width": w, "height": h} for x, y, w, h in boxes]
+    event = FrameEvent.model_validate_json(event_json(image=path.as_uri(), faces=faces))
+    settings = FaceSettings(min_quality=min_quality)
+    prepared = prepare_event(
+        record(b"{}"), event, FetchSettings(file_roots=(tmp_path,)), DECODER, settings
+    )
+    assert isinstance(prepared, PreparedEvent)
+    assert [q.vouched_by for q in prepared.quality] == ["event"] * len(boxes)
+    assert [(q.width, q.height) for q in prepared.quality] == [(w, h) for *_, w, h in boxes]
+    scores = [Scores("sad", 0.6, {"sad": 0.6, "happy": 0.4}) for _ in prepared.model_crops]
+    outcome = encode_result(prepared, scores, "tiny", "emotions")
+    result = EmotionResult.model_validate_json(outcome.value)
+    assert result.status == status == outcome.label
+    assert [f.status for f in result.faces] == kinds
+    assert [f.box.x for f in result.faces] == [x for x, *_ in boxes]
+    assert result.faces[0].quality.flags == ([] if boxes[0][2] == 80 else ["small", "blurry"])
+    assert outcome.face_labels == tuple("sad" for k in kinds if k == "classified")
+
+
+def test_no_face_and_a_wrong_score_count() -> None:
+    event = FrameEvent.model_validate_json(event_json())
+    empty = PreparedEvent(record(b"{}"), event, [], [])
+    result = EmotionResult.model_validate_json(encode_result(empty, [], "m", "out").value)
+    assert result.status == "no_face" and result.faces == []
+    with pytest.raises(ValueError, match="1 score"):
+        encode_result(empty, [Scores("sad", 1.0, {"sad": 1.0})], "m", "out")
 
 
 def test_result_ids_are_deterministic_and_distinct() -> None:
