@@ -140,10 +140,20 @@ class SummaryReader:
             consumer.incremental_assign([TopicPartition(self.topic, p, 0) for p in partitions])
             return
         since_ms = int((time.time() - self.history_s) * 1000)
+        # The ends first: a partition with nothing written since since_ms starts there, an
+        # offset fixed now. Assigning OFFSET_END instead would resolve at the first fetch and
+        # skip a summary written in between.
+        ends = {
+            p: consumer.get_watermark_offsets(TopicPartition(self.topic, p), timeout=30)[1]
+            for p in sorted(partitions)
+        }
         wanted = [TopicPartition(self.topic, p, since_ms) for p in sorted(partitions)]
-        # Per partition, the first offset written at or after since_ms; -1 (OFFSET_END)
-        # where nothing was written since then: the partition is read from its end.
-        starts = consumer.offsets_for_times(wanted, timeout=30)
+        # Per partition, the first offset written at or after since_ms; -1 where nothing was.
+        found = consumer.offsets_for_times(wanted, timeout=30)
+        starts = [
+            tp if tp.offset >= 0 else TopicPartition(self.topic, tp.partition, ends[tp.partition])
+            for tp in found
+        ]
         consumer.incremental_assign(starts)
         self._state = f"reading {self.topic} ({len(starts)} partitions)"
         log.info(

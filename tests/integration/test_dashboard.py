@@ -34,7 +34,7 @@ from consumer.config import FER_LABELS, load_settings
 from consumer.dashboard.app import Dashboard, start_dashboard
 from schemas.summary import WindowSummary
 from tests.support.browser import MISSING, Browser, chromium_binary
-from tests.support.kafka import TopicReader
+from tests.support.dashboard_page import SHOWN, assert_table, expected_on_page, wait_for_streams
 from tests.support.summaries import random_summary, window_summary
 
 pytestmark = pytest.mark.kafka
@@ -42,22 +42,6 @@ pytestmark = pytest.mark.kafka
 REPO = Path(__file__).resolve().parents[2]
 SCREENSHOT = REPO / ".cache" / "dashboard-screenshot.png"
 HISTORY_MINUTES = 10
-
-# What the page shows, read from its DOM (the data attributes of dashboard.js).
-SHOWN = """(() => ({
-  state: document.body.dataset.state,
-  events: Number(document.body.dataset.events),
-  legend: [...document.querySelectorAll('#legend li')].map((li) => li.dataset.label),
-  streams: Object.fromEntries([...document.querySelectorAll('article[data-stream]')].map(
-    (a) => [a.dataset.stream, Object.fromEntries([...a.querySelectorAll('g[data-window-start]')]
-      .map((g) => [g.dataset.windowStart, {
-        faces: Number(g.dataset.faces),
-        labels: Object.fromEntries([...g.querySelectorAll('rect[data-label]')].map(
-          (r) => [r.dataset.label, Number(r.dataset.count)])),
-      }]))])),
-  rows: [...document.querySelectorAll('#latest tbody tr')].map(
-    (tr) => [tr.dataset.stream, tr.dataset.windowStart, Number(tr.dataset.faces)]),
-}))()"""
 
 
 def publish(
@@ -80,31 +64,6 @@ def publish_aborted(bootstrap: str, topic: str, summary: WindowSummary) -> None:
     producer.produce(topic, key=summary.stream_id.encode(), value=summary.model_dump_json())
     producer.flush(30)
     producer.abort_transaction(30)
-
-
-def expected_on_page(
-    bootstrap: str, topic: str, since_ms: int
-) -> tuple[dict[str, dict[str, dict[str, Any]]], set[str]]:
-    """Per stream, per window start: what the topic holds (read_committed) from `since_ms`,
-    a window's latest record winning, as the page must draw it; and every stream in it."""
-    with TopicReader(bootstrap, [topic]) as reader:
-        records = reader.catch_up()
-    everything = [WindowSummary.model_validate_json(r.value) for r in records]
-    latest: dict[tuple[str, str], WindowSummary] = {}
-    for record, summary in zip(records, everything, strict=True):
-        if record.timestamp_ms < since_ms:
-            continue
-        start = summary.model_dump(mode="json")["window_start"]
-        held = latest.get((summary.stream_id, start))
-        if held is None or held.closed_at <= summary.closed_at:
-            latest[(summary.stream_id, start)] = summary
-    shown: dict[str, dict[str, dict[str, Any]]] = {}
-    for (stream, start), summary in latest.items():
-        labels = {k: v.faces for k, v in summary.labels.items() if v.faces}
-        if summary.faces > summary.classified:
-            labels["skipped"] = summary.faces - summary.classified
-        shown.setdefault(stream, {})[start] = {"faces": summary.faces, "labels": labels}
-    return shown, {summary.stream_id for summary in everything}
 
 
 @pytest.fixture
@@ -145,17 +104,6 @@ def _api(url: str) -> dict[str, Any]:
     with urllib.request.urlopen(url + "api/summaries", timeout=10) as reply:
         data: dict[str, Any] = json.load(reply)
         return data
-
-
-def _assert_table(rows: list[list[Any]], expected: dict[str, dict[str, dict[str, Any]]]) -> None:
-    """The table: the latest 25 windows, newest first (then by stream), with the topic's
-    face counts."""
-    windows = sorted((start, stream) for stream, ws in expected.items() for start in ws)
-    windows.sort(key=lambda window: window[1])
-    windows.sort(key=lambda window: window[0], reverse=True)  # stable: streams stay sorted
-    assert [(start, stream) for stream, start, _ in rows] == windows[:25]
-    for stream, start, faces in rows:
-        assert faces == expected[stream][start]["faces"], (stream, start)
 
 
 def test_the_page_shows_what_the_summaries_topic_holds_while_it_flows(
@@ -206,18 +154,10 @@ def test_the_page_shows_what_the_summaries_topic_holds_while_it_flows(
         assert in_topic == {"cam-a", "cam-b", "cam-c", "cam-old"}
         assert set(expected) == {"cam-a", "cam-b", "cam-c"}
         assert expected["cam-b"][replaced.isoformat().replace("+00:00", "Z")]["faces"] == 9
-        deadline = time.monotonic() + 30
-        while (shown := browser.evaluate(SHOWN))["streams"] != expected:
-            if time.monotonic() >= deadline:
-                pytest.fail(
-                    f"the page shows {json.dumps(shown['streams'], sort_keys=True)}\n"
-                    f"the topic holds {json.dumps(expected, sort_keys=True)}",
-                    pytrace=False,
-                )
-            time.sleep(0.2)
+        shown = wait_for_streams(browser, expected, timeout_s=30)
         assert shown["events"] == sum(map(len, batches)), "each new summary came as an event"
         assert shown["legend"] == [*FER_LABELS, "skipped"]
-        _assert_table(shown["rows"], expected)
+        assert_table(shown["rows"], expected)
 
         screenshot = browser.screenshot(tmp_path / "dashboard.png")
     assert screenshot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
