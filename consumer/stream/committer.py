@@ -13,6 +13,11 @@ and by its transactional id.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 import structlog
@@ -88,6 +93,37 @@ class OffsetCommitter:
         pass
 
 
+# How long past its own timeout a transactional call may run before the process exits.
+# librdkafka 2.16 can block in send_offsets_to_transaction far past the timeout it was
+# given after a broker restart (confluentinc/librdkafka#5456, #5511; the chaos soak saw
+# 6+ minutes): the worker then neither commits nor stops. Exiting is safe in exactly_once:
+# the open transaction is aborted when the restarted worker's producer fences it.
+HUNG_CALL_GRACE_S = 15.0
+
+
+def _exit_hung(call: str, limit_s: float) -> None:
+    log.error(
+        "transactional call hung past its timeout; exiting so the worker restarts",
+        call=call,
+        limit_s=limit_s,
+    )
+    logging.shutdown()
+    os._exit(70)  # EX_SOFTWARE; the supervisor or the pod restarts the worker
+
+
+@contextlib.contextmanager
+def _watchdog(call: str, timeout_s: float) -> Iterator[None]:
+    """Exit the process if the block runs past `timeout_s` + HUNG_CALL_GRACE_S."""
+    limit = timeout_s + HUNG_CALL_GRACE_S
+    timer = threading.Timer(limit, _exit_hung, (call, limit))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 class TransactionCommitter:
     """exactly_once: one open transaction at a time, committed with the input offsets."""
 
@@ -118,12 +154,14 @@ class TransactionCommitter:
             raise CommitError("no open transaction", fatal=True)
         try:
             if offsets:
-                self._producer.send_offsets_to_transaction(
-                    _partitions(offsets),
-                    self._consumer.consumer_group_metadata(),
-                    self._timeout_s,
-                )
-            self._producer.commit_transaction(self._timeout_s)
+                with _watchdog("send_offsets_to_transaction", self._timeout_s):
+                    self._producer.send_offsets_to_transaction(
+                        _partitions(offsets),
+                        self._consumer.consumer_group_metadata(),
+                        self._timeout_s,
+                    )
+            with _watchdog("commit_transaction", self._timeout_s):
+                self._producer.commit_transaction(self._timeout_s)
             self._open = False
         except KafkaException as exc:
             text, error = _describe(exc)

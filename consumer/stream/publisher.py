@@ -45,7 +45,8 @@ class Publisher:
         self._health = health
         self._failure = failure
         self._on_delivered = on_delivered  # a delivery is a sign of a live broker
-        self.lock = threading.Lock()
+        # Re-entrant: a revoke holds it across the commit, which takes it too.
+        self.lock = threading.RLock()
         self.produced_since_commit = 0  # read and reset by the commit, under `lock`
 
     def publish(self, outcomes: Sequence[Outcome]) -> None:

@@ -293,8 +293,12 @@ class Worker:
         deadline = time.monotonic() + self.settings.kafka.revoke_timeout_s
         while not self._failure and self.tracker.in_flight(revoked) and time.monotonic() < deadline:
             self.publisher.serve(0.05)
-        self._commits.commit(revoked, wait=True)  # the coordinator is up: it runs the rebalance
-        with self.publisher.lock:  # after this, nothing more is produced for them
+        # The commit and the revoke under one hold of the publish lock: an outcome of these
+        # partitions that the engine thread produced between the two would go into the
+        # next transaction without its offset, and the new owner would publish it again
+        # (a duplicate for read_committed readers; found by the chaos soak).
+        with self.publisher.lock:
+            self._commits.commit(revoked, wait=True)  # the coordinator is up: it rebalances
             for tp in revoked:
                 self.tracker.revoke(tp)
         self._backpressure.departed(consumer, partitions)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 from confluent_kafka import Consumer
 
 from consumer.config import KafkaSettings
@@ -195,3 +196,30 @@ def test_a_fenced_transaction_fails_the_worker() -> None:
     assert s.failure.reason is not None and "transaction" in s.failure.reason
     assert s.committed() == {}
     assert _commits(s, "failed") == 1
+
+
+def test_a_transactional_call_that_hangs_past_its_timeout_ends_the_process(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """librdkafka can block in send_offsets_to_transaction far past its timeout after a
+    broker restart (found by the chaos soak): the watchdog exits instead of hanging. The
+    hang is simulated (a sleep); the exit is recorded instead of taken."""
+    import threading
+
+    from consumer.stream import committer
+
+    exits: list[tuple[str, float]] = []
+    fired = threading.Event()
+
+    def record(call: str, limit_s: float) -> None:
+        exits.append((call, limit_s))
+        fired.set()
+
+    monkeypatch.setattr(committer, "_exit_hung", record)
+    monkeypatch.setattr(committer, "HUNG_CALL_GRACE_S", 0.05)
+    with committer._watchdog("quick", 0.05):
+        pass  # returns in time: the timer is cancelled
+    with committer._watchdog("send_offsets_to_transaction", 0.05):
+        assert fired.wait(5.0)  # a call still running past 0.05 + 0.05 s
+    time.sleep(0.2)
+    assert exits == [("send_offsets_to_transaction", pytest.approx(0.1))]
