@@ -12,7 +12,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from consumer.config import ConfigError, WorkerSettings, load_settings
+from consumer.config import ConfigError, WorkerSettings, flag_overrides, load_settings
 from consumer.dashboard.command import add_dashboard_parser
 from consumer.replay.command import add_replay_parser
 from consumer.summarize.command import add_summarize_parser, summarize_overrides
@@ -39,12 +39,7 @@ _SECRET_WORDS = ("password", "secret", "token", "key.pem", "sasl.oauthbearer.con
 
 def overrides_from_flags(args: argparse.Namespace) -> dict[str, Any]:
     """The nested settings dict of the flags that were given."""
-    nested: dict[str, dict[str, Any]] = {}
-    for flag, (section, field) in _RUN_FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            nested.setdefault(section, {})[field] = value
-    return nested
+    return flag_overrides(args, _RUN_FLAGS)
 
 
 def masked_settings(settings: WorkerSettings) -> dict[str, Any]:

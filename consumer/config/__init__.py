@@ -22,6 +22,7 @@ from consumer.config.dead_letter import DeadLetterSettings
 from consumer.config.decode import DecodeSettings, FaceSettings
 from consumer.config.errors import ConfigError, describe_validation_error
 from consumer.config.fetch import FetchSettings, S3Settings
+from consumer.config.flags import FlagMap, flag_overrides
 from consumer.config.flow import FlowSettings
 from consumer.config.kafka import KafkaSettings
 from consumer.config.model import DEFAULT_PROMPT, FER_LABELS, BatchSettings, ModelSettings
@@ -40,6 +41,7 @@ __all__ = [
     "DecodeSettings",
     "FaceSettings",
     "FetchSettings",
+    "FlagMap",
     "FlowSettings",
     "HealthSettings",
     "KafkaSettings",
@@ -50,5 +52,6 @@ __all__ = [
     "SummarizeSettings",
     "WorkerSettings",
     "describe_validation_error",
+    "flag_overrides",
     "load_settings",
 ]

@@ -13,7 +13,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from consumer.config import load_settings
+from consumer.config import flag_overrides, load_settings
 
 # Flag -> (section, field) of WorkerSettings; flags beat the environment and the file.
 _FLAGS: dict[str, tuple[str, str]] = {
@@ -58,12 +58,7 @@ def add_dashboard_parser(sub: Any) -> None:
 
 def dashboard_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The nested settings dict of the flags that were given."""
-    nested: dict[str, dict[str, Any]] = {}
-    for flag, (section, field) in _FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            nested.setdefault(section, {})[field] = value
-    return nested
+    return flag_overrides(args, _FLAGS)
 
 
 def run_dashboard(args: argparse.Namespace) -> int:

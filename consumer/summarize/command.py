@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from consumer.config import WorkerSettings
+from consumer.config import WorkerSettings, flag_overrides
 
 # Flag -> (section, field); flags beat the environment and the config file.
 _FLAGS: dict[str, tuple[str, str]] = {
@@ -57,12 +57,7 @@ def add_summarize_parser(sub: Any) -> None:
 
 def summarize_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The nested settings dict of the flags that were given."""
-    nested: dict[str, dict[str, Any]] = {}
-    for flag, (section, field) in _FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            nested.setdefault(section, {})[field] = value
-    return nested
+    return flag_overrides(args, _FLAGS)
 
 
 def run_summarize(
