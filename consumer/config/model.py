@@ -100,6 +100,16 @@ class ModelSettings(Section):
             "cosine >= 0.999), else none. The choice and its numbers are logged."
         ),
     )
+    tta: Literal["none", "flip"] = Field(
+        default="none",
+        description=(
+            "Test-time augmentation. `flip`: each face is scored as it is and mirrored "
+            "left-right in the same forward pass (the batch holds both), and the two "
+            "probability vectors are averaged; expressions are mirror-symmetric, so this "
+            "trades about half the faces/s for a steadier answer (docs/model.md has the "
+            "measured gain and cost of the shipped model). `none`: one view."
+        ),
+    )
 
     @model_validator(mode="before")
     @classmethod

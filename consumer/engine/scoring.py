@@ -53,6 +53,7 @@ class EmotionEngine:
         self.device: torch.device = checkpoint.device
         self.dtype: torch.dtype = checkpoint.dtype
         self.max_batch_size = max_batch_size
+        self.views = 2 if settings.tta == "flip" else 1  # forward rows per face
         self.model: Any = checkpoint.model
         self._image_processor: Any = checkpoint.processor.image_processor
         words = settings.words
@@ -77,7 +78,7 @@ class EmotionEngine:
             settings.precision,
             self.device,
             calibrate=self._calibrate,
-            rows=max_batch_size * int(self._prompt.input_ids.shape[1]),
+            rows=max_batch_size * self.views * int(self._prompt.input_ids.shape[1]),
         )
         # What the language model's linear layers run: "none" (model.dtype), "fp8", "int8".
         self.precision: str = choice.precision
@@ -141,10 +142,15 @@ class EmotionEngine:
         if bucket > count:  # repeat a real face: padding rows are computed, then dropped
             pad = pixel_values[:1].expand(bucket - count, -1, -1, -1)
             pixel_values = torch.cat([pixel_values, pad])
+        rows = pixel_values.shape[0]
+        if self.views == 2:  # model.tta = "flip": the mirrored faces ride in the same pass
+            pixel_values = torch.cat([pixel_values, pixel_values.flip(-1)])
         with torch.inference_mode():
-            scores = self._forward(pixel_values)[:count]
             # float64 so the probabilities sum to 1 within 1e-9 even from bfloat16 logits.
-            probabilities: torch.Tensor = scores.double().softmax(dim=-1).cpu()
+            views = self._forward(pixel_values).double().softmax(dim=-1)
+            if self.views == 2:
+                views = (views[:rows] + views[rows:]) / 2
+            probabilities: torch.Tensor = views[:count].cpu()
             return probabilities
 
     def _pixel_values(self, faces: Sequence[Image.Image]) -> torch.Tensor:

@@ -65,6 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["auto", "on", "off"],
         help="torch.compile as in the worker (default: the config's, i.e. auto = CUDA only)",
     )
+    parser.add_argument(
+        "--tta",
+        choices=["none", "flip"],
+        help="test-time augmentation as model.tta (default: the config's, i.e. none)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of --limit/--per-class")
     parser.add_argument(
         "--split-file",

@@ -40,7 +40,7 @@ def worker_settings(
     model: dict[str, Any] = {}
     if args.model is not None:
         model["path"] = args.model
-    for flag in ("device", "dtype", "compile"):
+    for flag in ("device", "dtype", "compile", "tta"):
         if getattr(args, flag) is not None:
             model[flag] = getattr(args, flag)
     if args.labels is not None:

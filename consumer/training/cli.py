@@ -86,9 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--erase", type=float, default=0.0, help="random erasing probability")
     parser.add_argument(
         "--select",
-        choices=["accuracy", "macro_f1"],
+        choices=["accuracy", "macro_f1", "last"],
         default="accuracy",
-        help="validation metric that picks the saved epoch",
+        help="validation metric that picks the saved epoch; last: the last epoch (the "
+        "validation split then chooses nothing)",
     )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument(
@@ -101,6 +102,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--gradient-checkpointing",
         action="store_true",
         help="recompute activations in the backward pass (less memory, ~30%% slower)",
+    )
+    distill = parser.add_argument_group("distillation and calibration")
+    distill.add_argument(
+        "--teacher",
+        type=Path,
+        default=None,
+        help="work folder of a CNN teacher (consumer/training/teacher.py): reused if it was "
+        "trained there on the same faces and settings, else trained on the training part and "
+        "stored there; the student then also matches its label distribution",
+    )
+    distill.add_argument("--teacher-epochs", type=int, default=40)
+    distill.add_argument(
+        "--distill-weight", type=float, default=1.0, help="weight of the T^2-scaled KL term"
+    )
+    distill.add_argument("--distill-temperature", type=float, default=2.0)
+    distill.add_argument(
+        "--calibration-fraction",
+        type=float,
+        default=0.0,
+        help="hold out this stratified fraction of the training part (no model trains on it), "
+        "fit a temperature on it and fold it into lm_head; 0: no calibration",
     )
     lora = parser.add_argument_group("LoRA (with --init)")
     lora.add_argument("--lora", action="store_true", help="train LoRA adapters, then merge them")
@@ -135,6 +157,12 @@ def main(argv: list[str]) -> int:
             parser.error("--prompt must contain <image>")
         if args.epochs < 1 or args.batch_size < 1:
             parser.error("--epochs and --batch-size must be at least 1")
+        if args.teacher is not None and (args.init is not None or args.teacher_epochs < 1):
+            parser.error("--teacher trains a model from scratch with --teacher-epochs >= 1")
+        if args.distill_temperature <= 0 or args.distill_weight < 0:
+            parser.error("--distill-temperature must be > 0 and --distill-weight >= 0")
+        if not 0 <= args.calibration_fraction < 0.5:
+            parser.error("--calibration-fraction must be in [0, 0.5)")
     except SystemExit as exc:  # --help (0) and usage errors (2) as exit codes
         return exc.code if isinstance(exc.code, int) else 2
     if not args.data.is_dir():  # before torch is imported or anything is written
@@ -177,6 +205,11 @@ def main(argv: list[str]) -> int:
         lora_projector=args.lora_projector,
         gradient_checkpointing=args.gradient_checkpointing,
         command=describe_command(argv),
+        teacher=args.teacher,
+        teacher_epochs=args.teacher_epochs,
+        distill_weight=args.distill_weight,
+        distill_temperature=args.distill_temperature,
+        calibration_fraction=args.calibration_fraction,
     )
     try:
         train(config)

@@ -42,7 +42,7 @@ class TrainConfig:
     smart_init: bool = True  # from scratch: PCA patch embedding, sin-cos positions, mimetic
     aux_weight: float = 1.0  # from scratch: vision probe loss weight, decayed linearly to 0
     augment: Augment = field(default_factory=Augment)
-    select: Literal["accuracy", "macro_f1"] = "accuracy"
+    select: Literal["accuracy", "macro_f1", "last"] = "accuracy"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     eval_batch_size: int = 256
     lora: bool = False
@@ -52,6 +52,14 @@ class TrainConfig:
     lora_projector: Literal["full", "lora"] = "full"
     gradient_checkpointing: bool = False  # recompute activations: full-size models on a GPU
     command: str = ""  # the command line that started the run, for the model card
+    # Distillation: a CNN teacher trained (or reused) in this folder; None: no teacher.
+    teacher: Path | None = None
+    teacher_epochs: int = 40
+    distill_weight: float = 1.0  # loss = cross-entropy + weight * T^2 * KL(teacher || student)
+    distill_temperature: float = 2.0
+    # Stratified slice of the training part that nobody trains on; the temperature that
+    # calibrates the scores is fitted on it and folded into lm_head. 0: no calibration.
+    calibration_fraction: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
         """JSON-ready settings (paths as strings, augmentation as a dict)."""
@@ -59,6 +67,7 @@ class TrainConfig:
         raw["data"] = str(self.data.expanduser().resolve())
         raw["out"] = str(self.out)
         raw["init"] = str(self.init) if self.init else None
+        raw["teacher"] = str(self.teacher) if self.teacher else None
         raw["labels"] = list(self.labels)
         raw["arch_sizes"] = ARCHS[self.arch].to_json() if self.init is None else None
         return raw

@@ -197,6 +197,8 @@ class Augment:
             )
         batch = images.shape[0]
         x = images.float()
+        # The draws come from the CPU generator (so a run repeats on any device); the pixel
+        # work runs where the images are (the GPU when training on one).
 
         def uniform(low: float, high: float) -> torch.Tensor:
             return low + (high - low) * torch.rand(batch, generator=generator)
@@ -217,11 +219,11 @@ class Augment:
                 torch.stack([height * sin * mirror, height * cos, cy], dim=1),
             ],
             dim=1,
-        )
+        ).to(x.device)
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        gain = uniform(1 - self.brightness, 1 + self.brightness).view(-1, 1, 1, 1)
-        spread = uniform(1 - self.contrast, 1 + self.contrast).view(-1, 1, 1, 1)
+        gain = uniform(1 - self.brightness, 1 + self.brightness).view(-1, 1, 1, 1).to(x.device)
+        spread = uniform(1 - self.contrast, 1 + self.contrast).view(-1, 1, 1, 1).to(x.device)
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = ((x - mean) * spread + mean) * gain
         if self.erase > 0:
@@ -230,9 +232,9 @@ class Augment:
 
     def _erase(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         batch, _, height, width = x.shape
-        draws = torch.rand(batch, 5, generator=generator)
-        ys = torch.arange(height).view(1, height, 1)
-        xs = torch.arange(width).view(1, 1, width)
+        draws = torch.rand(batch, 5, generator=generator).to(x.device)
+        ys = torch.arange(height, device=x.device).view(1, height, 1)
+        xs = torch.arange(width, device=x.device).view(1, 1, width)
         area = self.erase_area[0] + (self.erase_area[1] - self.erase_area[0]) * draws[:, 0]
         side_h = (area.sqrt() * height).clamp(min=1).view(-1, 1, 1)
         side_w = (area.sqrt() * width).clamp(min=1).view(-1, 1, 1)
@@ -284,6 +286,6 @@ class Normalizer:
             x = F.interpolate(
                 x, size=(self.size, self.size), mode="bicubic", antialias=True, align_corners=False
             ).clamp(0, 255)
-        mean = torch.tensor(self.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.std).view(1, 3, 1, 1)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x * self.rescale - mean) / std

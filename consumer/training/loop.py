@@ -20,17 +20,19 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 (torch's convention)
 
+from consumer.training.calibration import fit_temperature, fold_temperature
 from consumer.training.config import TrainConfig, TrainResult
 from consumer.training.dataset import (
     Example,
     Normalizer,
+    Split,
     class_counts,
     load_pixels,
     scan_folder,
     stratified_split,
     subsample,
 )
-from consumer.training.loss import answer_loss, class_weights, vocab_weights
+from consumer.training.loss import answer_loss, class_weights, distillation_loss, vocab_weights
 from consumer.training.metrics import classification_report
 from consumer.training.model import (
     ARCHS,
@@ -44,7 +46,17 @@ from consumer.training.model_card import write_model_card
 from consumer.training.optim import EpochOrder, lr_lambda, param_groups
 from consumer.training.probe import VisionProbe
 from consumer.training.provenance import git_commit, library_versions
-from consumer.training.validation import evaluate_checkpoint, predict
+from consumer.training.resume import Progress, clear_state, load_state, save_state
+from consumer.training.teacher import (
+    TEACHER_META,
+    TeacherConfig,
+    TeacherNet,
+    load_teacher,
+    teacher_key,
+    teacher_logits,
+    train_teacher,
+)
+from consumer.training.validation import evaluate_checkpoint, predict, predict_logits
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -78,10 +90,24 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
     if config.limit is not None:
         examples = subsample(examples, config.limit, config.seed)
     split = stratified_split(examples, config.val_fraction, config.seed)
-    _write_json(out / "split.json", {"seed": config.seed, **split.to_json()})
+    calibration: list[Example] = []
+    if config.calibration_fraction > 0:
+        # Carved out of the training part, so the validation faces stay exactly those of a
+        # run without calibration (the demo's faces stay unseen).
+        inner = stratified_split(split.train, config.calibration_fraction, config.seed)
+        split, calibration = Split(train=inner.train, val=split.val), inner.val
+    _write_json(
+        out / "split.json",
+        {
+            "seed": config.seed,
+            **split.to_json(),
+            **({"calibration": [e.path for e in calibration]} if calibration else {}),
+        },
+    )
     emit(
-        f"data: {len(examples)} images, {len(split.train)} train / {len(split.val)} val "
-        f"({_counts_by_label(split.train, config.labels)})"
+        f"data: {len(examples)} images, {len(split.train)} train / {len(split.val)} val"
+        + (f" / {len(calibration)} calibration" if calibration else "")
+        + f" ({_counts_by_label(split.train, config.labels)})"
     )
     train_pixels = load_pixels(config.data, split.train, config.image_size)
     val_pixels = load_pixels(config.data, split.val, config.image_size)
@@ -110,7 +136,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
     else:
         model, processor, device = load_init_model(config.init, config.device)
     save_dtype = next(model.parameters()).dtype
-    autocast = device.type == "cuda" and save_dtype != torch.float32
+    # On a GPU the forward runs in bfloat16 (float32 master weights); on a CPU float32: the
+    # small ViT's matrices are too small for bf16 units to pay for the casts (measured).
+    autocast = device.type == "cuda"
     normalize = Normalizer.for_processor(processor.image_processor)
     input_size = normalize.size
     prompt_text = config.prompt.format(labels=", ".join(config.labels))
@@ -154,10 +182,24 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
         else None
     )
     probe_weight = class_weights(counts, config.balance_power) if config.balance == "loss" else None
+    teacher = None
+    if config.teacher is not None:
+        teacher = _teacher(
+            config, split.train, train_pixels, train_targets, val_pixels, val_targets, device, emit
+        )
+        if not fmt.first_tokens_unique:
+            raise ValueError(
+                "distillation needs labels whose answers start with distinct tokens (the "
+                "teacher's distribution is matched on the first answer token); choose "
+                "--labels whose words tokenize to different first tokens, or drop --teacher"
+            )
     trained = [p for p in model.parameters() if p.requires_grad]
     if probe is not None:
         trained += list(probe.parameters())
     order = EpochOrder(train_targets, config.balance, config.balance_power, config.seed)
+    # The faces stay where the model is: on a GPU, augmentation and normalisation then run
+    # there too (66 MB of uint8), and no batch crosses the PCIe bus.
+    train_pixels = train_pixels.to(device)
     augment_generator = torch.Generator().manual_seed(config.seed + 1)
     steps_per_epoch = math.ceil(len(split.train) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
@@ -166,9 +208,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
         groups += param_groups(probe, config.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.999))
     warmup_steps = max(1, round(total_steps * config.warmup))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lr_lambda(total_steps, warmup_steps, config.min_lr_ratio)
-    )
+    schedule = lr_lambda(total_steps, warmup_steps, config.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
     args = {
         **config.to_json(),
@@ -189,7 +230,6 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
     }
     _write_json(out / "training_args.json", {**args, "status": "running"})
     log_file = out / "train_log.jsonl"
-    log_file.write_text("", encoding="utf-8")
 
     history: list[dict[str, Any]] = []
     best: dict[str, Any] | None = None
@@ -197,7 +237,27 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
     train_seconds = 0.0
     seen = 0
     global_step = 0
-    for epoch in range(1, config.epochs + 1):
+    # LoRA runs are short and GPU-only; the state of a from-scratch or full run is kept.
+    modules: dict[str, torch.nn.Module] = {"model": model}
+    if probe is not None:
+        modules["probe"] = probe
+    generators = {"order": order.generator, "augment": augment_generator}
+    settings = config.to_json()
+    resumed, why = (
+        load_state(out, settings, modules, optimizer, generators)
+        if peft_model is None
+        else (None, "")
+    )
+    if why:
+        emit(why)
+    if resumed is not None:
+        history, best = resumed.history, resumed.best
+        train_seconds, seen, global_step = resumed.train_seconds, resumed.seen, resumed.global_step
+        for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+            group["lr"] = base * schedule(global_step)
+        scheduler.last_epoch = global_step
+    log_file.write_text("".join(json.dumps(r) + "\n" for r in history), encoding="utf-8")
+    for epoch in range(len(history) + 1, config.epochs + 1):
         epoch_start = time.perf_counter()
         indices = order()
         running_loss, correct, probe_correct, count = 0.0, 0, 0, 0
@@ -211,7 +271,8 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
         )
         for step in bar:
             batch = indices[step * config.batch_size : (step + 1) * config.batch_size]
-            pixels = normalize(config.augment(train_pixels[batch], augment_generator))
+            faces = config.augment(train_pixels[batch], augment_generator)
+            pixels = normalize(faces)
             targets = train_targets[batch]
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 loss, scores = answer_loss(
@@ -223,6 +284,13 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
                     label_smoothing=config.label_smoothing,
                 )
             total = loss
+            if teacher is not None:
+                # Online: the teacher sees the very augmented view the student sees.
+                with torch.no_grad():
+                    soft = teacher_logits(teacher, faces, device)
+                total = total + config.distill_weight * distillation_loss(
+                    scores, soft.to(device), config.distill_temperature
+                )
             if probe is not None:
                 probe_logits = probe.logits()
                 aux = config.aux_weight * max(0.0, 1 - global_step / total_steps)
@@ -242,7 +310,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
             optimizer.zero_grad(set_to_none=True)
             size = int(targets.shape[0])
             running_loss += float(loss.detach()) * size
-            correct += int((scores.argmax(dim=1).cpu() == targets).sum())
+            correct += int((scores.detach().argmax(dim=1).cpu() == targets).sum())
             count += size
             bar.set_postfix(
                 loss=f"{running_loss / count:.3f}",
@@ -277,7 +345,11 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
             "val_s": round(time.perf_counter() - epoch_start - train_time, 1),
             "train_images_per_s": round(count / train_time, 1),
         }
-        improved = best is None or report[config.select] > best[f"val_{config.select}"]
+        improved = (
+            best is None
+            or config.select == "last"
+            or report[config.select] > best[f"val_{config.select}"]
+        )
         record["best"] = improved
         history.append(record)
         with log_file.open("a", encoding="utf-8") as handle:
@@ -296,6 +368,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
                 from consumer.training.lora import trainable_state
 
                 best_state = trainable_state(model)
+        if peft_model is None:
+            progress = Progress(epoch, global_step, history, best, train_seconds, seen)
+            save_state(out, settings, progress, modules, optimizer, generators)
     if probe is not None:
         probe.close()
     if best is None:
@@ -313,6 +388,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
         model, processor, _ = load_init_model(out, "cpu")
         save_checkpoint(model.to(save_dtype), processor, out)
 
+    calibrated = (
+        _calibrate(out, config, calibration, normalize, fmt, device, emit) if calibration else None
+    )
     eval_report = evaluate_checkpoint(
         out, config.data, split.val, config.labels, config.prompt, device=str(device)
     )
@@ -336,9 +414,13 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
             "train_images_per_s": round(images_per_s, 1),
             "best_epoch": best["epoch"],
             "best_val": {k: best[k] for k in ("val_accuracy", "val_macro_f1")},
+            "calibration": calibrated,
+            "resumed_after_epoch": resumed.epoch if resumed is not None else None,
+            "teacher_summary": _teacher_summary(config.teacher),
         },
     )
     write_model_card(out, config, args, history, best, eval_report, wall)
+    clear_state(out)  # only now: a run that fails after its last epoch resumes there
     emit(
         f"best epoch {best['epoch']}: val acc {eval_report['accuracy']:.4f}, macro-F1 "
         f"{eval_report['macro_f1']:.4f} (engine, {eval_report['engine_images_per_s']:.0f} "
@@ -353,3 +435,87 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
         train_images_per_s=images_per_s,
         wall_s=wall,
     )
+
+
+def _teacher(
+    config: TrainConfig,
+    train: Sequence[Example],
+    train_pixels: torch.Tensor,
+    train_targets: torch.Tensor,
+    val_pixels: torch.Tensor,
+    val_targets: Sequence[int],
+    device: torch.device,
+    emit: Callable[[str], None],
+) -> TeacherNet:
+    """The teacher in config.teacher if one was trained there on exactly these faces with
+    these settings, else a new one trained now (on the training part only) and stored there."""
+    assert config.teacher is not None
+    settings = TeacherConfig(epochs=config.teacher_epochs)
+    key = teacher_key(settings, [e.path for e in train], config.seed, config.image_size)
+    teacher = load_teacher(config.teacher, key, settings, len(config.labels), config.image_size)
+    if teacher is not None:
+        emit(f"teacher: reusing {config.teacher} (key {key})")
+    else:
+        emit(f"teacher: training {settings.epochs} epochs into {config.teacher} (key {key})")
+        teacher = train_teacher(
+            settings,
+            train_pixels,
+            train_targets,
+            labels=config.labels,
+            seed=config.seed,
+            device=device,
+            folder=config.teacher,
+            key=key,
+            report_pixels=val_pixels,
+            report_targets=val_targets,
+            emit=emit,
+        )
+    return teacher.to(device).eval()
+
+
+def _teacher_summary(folder: Path | None) -> dict[str, Any] | None:
+    """The teacher's settings and last epoch (with its validation score), for the card."""
+    if folder is None or not (folder / TEACHER_META).is_file():
+        return None
+    meta: dict[str, Any] = json.loads((folder / TEACHER_META).read_text(encoding="utf-8"))
+    return meta
+
+
+def _calibrate(
+    out: Path,
+    config: TrainConfig,
+    calibration: Sequence[Example],
+    normalize: Normalizer,
+    fmt: AnswerFormat,
+    device: torch.device,
+    emit: Callable[[str], None],
+) -> dict[str, Any]:
+    """Fit the temperature on the calibration faces, fold it into the saved checkpoint."""
+    from consumer.eval.metrics import calibration as calibration_table
+
+    model, processor, _ = load_init_model(out, str(device))
+    pixels = load_pixels(config.data, calibration, config.image_size)
+    targets = torch.tensor([e.label for e in calibration])
+    logits = predict_logits(
+        model, fmt, pixels, normalize, batch_size=config.eval_batch_size, device=device
+    )
+
+    def ece(temperature: float) -> float:
+        probabilities = (logits.double() / temperature).softmax(dim=1)
+        confidence, predicted = probabilities.max(dim=1)
+        return calibration_table(confidence.tolist(), (predicted == targets).tolist()).ece
+
+    temperature = fit_temperature(logits, targets)
+    fold_temperature(model, temperature)
+    save_checkpoint(model, processor, out)
+    result = {
+        "temperature": round(temperature, 4),
+        "faces": len(calibration),
+        "ece_before": round(ece(1.0), 4),
+        "ece_after": round(ece(temperature), 4),
+    }
+    emit(
+        f"calibration: temperature {temperature:.3f} on {len(calibration)} held-out training "
+        f"faces, ECE {result['ece_before']:.4f} -> {result['ece_after']:.4f}"
+    )
+    return result

@@ -51,14 +51,12 @@ def answer_loss(
     weight: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, label scores) of one batch: next-token cross-entropy on the answer only.
+    """(loss, label logits) of one batch: next-token cross-entropy on the answer only.
 
     The language model's hidden states are projected onto the vocabulary only at the
     positions that predict a supervised token (labels != IGNORE_INDEX after the shift),
     which for a 32k-vocabulary model saves a (batch x sequence x vocab) logits tensor.
-    The label scores are the answer-position logits of each label's first token, the
-    numbers the worker's engine turns into probabilities (its `LabelHead`, reading this
-    batch's hidden state at the last prompt position: no second forward pass).
+    The label logits are the answer-position logits of each label's first token.
     """
     device = pixel_values.device
     input_ids, attention, labels = fmt.batch(targets.cpu())
@@ -79,8 +77,29 @@ def answer_loss(
         label_smoothing=label_smoothing,
     )
     answer_position = len(fmt.prompt_ids) - 1
-    # The scores only count correct answers in the training log: no gradient.
-    with torch.no_grad():
-        head = LabelHead(model, fmt.sequences)
-        scores = head.first_token_scores(hidden[:, answer_position].detach())
+    # The label logits the engine turns into probabilities (its `LabelHead`, reading this
+    # batch's hidden state at the last prompt position: no second forward pass). They keep
+    # their gradient for distillation; callers counting correct answers detach them.
+    head = LabelHead(model, fmt.sequences)
+    scores = head.first_token_scores(hidden[:, answer_position]).float()
     return loss, scores
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """KL(teacher || student) of the label distributions at `temperature`, times T^2.
+
+    Hinton et al.'s soft targets: the teacher's whole distribution (which wrong labels are
+    plausible: fearful vs surprised, sad vs neutral) carries far more per face than the one
+    hard label; the T^2 factor keeps its gradient on the scale of the cross-entropy's.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ: the teacher must have one output per label"
+        )
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    return kl * temperature**2

@@ -170,6 +170,7 @@ def render_model_card(
         f"{config.label_smoothing:g}, class balance `{config.balance}` "
         f"(power {config.balance_power:g}). Loss on the answer tokens only. Augmentation: "
         f"{_describe_augment(config.augment)}. Wall time {wall / 60:.1f} min.",
+        *_distillation_lines(config, args),
         "",
         "| epoch | train loss | train acc | val acc | val macro-F1 |",
         "|---|---|---|---|---|",
@@ -185,8 +186,13 @@ def render_model_card(
         "",
         f"Accuracy **{report['accuracy']:.4f}**, macro-F1 **{report['macro_f1']:.4f}**; "
         f"{report['engine_images_per_s']:.0f} faces/s on {report['threads']} CPU threads "
-        f"(batch {report['engine_batch_size']}, decoded faces, model only). Best epoch "
-        f"{best['epoch']} was chosen on this split, so the numbers are slightly optimistic.",
+        f"(batch {report['engine_batch_size']}, decoded faces, model only). "
+        + (
+            "The last epoch is kept: this split chose nothing."
+            if config.select == "last"
+            else f"Best epoch {best['epoch']} was chosen on this split, so the numbers are "
+            "slightly optimistic."
+        ),
         "",
         "| label | precision | recall | F1 | support |",
         "|---|---|---|---|---|",
@@ -210,6 +216,40 @@ def render_model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _distillation_lines(config: TrainConfig, args: dict[str, Any]) -> list[str]:
+    """The teacher and the temperature, when the run had them."""
+    lines: list[str] = []
+    teacher = args.get("teacher_summary")
+    if teacher:
+        settings, last = teacher["config"], teacher["last_epoch"]
+        score = (
+            f"; validation accuracy {last['val_accuracy']:.4f}, macro-F1 "
+            f"{last['val_macro_f1']:.4f} (measured only, never used to choose)"
+            if "val_accuracy" in last
+            else ""
+        )
+        lines += [
+            "",
+            f"Distilled from a VGG-style CNN teacher (widths {settings['widths']}, "
+            f"{teacher['parameters'] / 1e6:.2f}M parameters, {settings['epochs']} epochs, SGD "
+            f"Nesterov lr {settings['lr']:g}, random erasing; trained on the training part only, "
+            f"{teacher['wall_time_s'] / 60:.1f} min{score}). Loss: cross-entropy + "
+            f"{config.distill_weight:g} x T^2 x KL(teacher || student) on the label tokens at "
+            f"T = {config.distill_temperature:g}, the teacher seeing the same augmented view. "
+            "The teacher is not shipped.",
+        ]
+    calibration = args.get("calibration")
+    if calibration:
+        lines += [
+            "",
+            f"Calibration: temperature {calibration['temperature']:.3f} fitted on "
+            f"{calibration['faces']} held-out training faces (split.json's calibration list; no "
+            f"model trained on them) and folded into lm_head: ECE there "
+            f"{calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}.",
+        ]
+    return lines
 
 
 def _data_note(name: str, data: Path) -> list[str]:
@@ -316,6 +356,7 @@ def _portable_command(command: str, name: str, base: str | None) -> str:
         "--data": _portable_data,
         "--out": lambda _: f"models/{name}",
         "--init": lambda path: base or path.name,
+        "--teacher": lambda _: ".cache/teacher",
     }
     result: list[str] = []
     pending: str | None = None
@@ -372,6 +413,7 @@ def write_model_card_from_records(folder: Path) -> Path:
             "out": folder,
             "labels": tuple(settings["labels"]),
             "init": Path(settings["init"]) if settings.get("init") else None,
+            "teacher": Path(settings["teacher"]) if settings.get("teacher") else None,
             "augment": Augment(**augment),
         }
     )

@@ -56,7 +56,7 @@ def label_scores(
 
 
 @torch.no_grad()
-def predict(
+def predict_logits(
     model: Any,
     fmt: AnswerFormat,
     images: torch.Tensor,
@@ -66,7 +66,7 @@ def predict(
     device: torch.device,
     autocast: bool = False,
 ) -> torch.Tensor:
-    """Predicted label index per uint8 image, scored the way the engine scores labels.
+    """float32 label scores (N, labels) on the CPU per uint8 image, as the engine scores labels.
 
     With distinct first answer tokens (a word-level tokenizer, or most BPE vocabularies),
     one pass over the prompt and the next-token logits of those tokens; otherwise the
@@ -78,14 +78,30 @@ def predict(
     # Sequence scoring runs images x labels sequences at once: fewer images per batch keep
     # that pass at batch_size sequences.
     step = batch_size if head.first_token_only else max(1, batch_size // len(head.sequences))
-    predictions: list[torch.Tensor] = []
+    scores: list[torch.Tensor] = []
     for start in range(0, images.shape[0], step):
         pixels = normalize(images[start : start + step]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            scores = label_scores(model, fmt, pixels, head=head)
-        predictions.append(scores.argmax(dim=1).cpu())
+            scores.append(label_scores(model, fmt, pixels, head=head).float().cpu())
     model.train(was_training)
-    return torch.cat(predictions) if predictions else torch.empty(0, dtype=torch.long)
+    return torch.cat(scores) if scores else torch.empty(0, len(fmt.sequences))
+
+
+def predict(
+    model: Any,
+    fmt: AnswerFormat,
+    images: torch.Tensor,
+    normalize: Normalizer,
+    *,
+    batch_size: int,
+    device: torch.device,
+    autocast: bool = False,
+) -> torch.Tensor:
+    """Predicted label index per uint8 image (the argmax of `predict_logits`)."""
+    logits = predict_logits(
+        model, fmt, images, normalize, batch_size=batch_size, device=device, autocast=autocast
+    )
+    return logits.argmax(dim=1) if logits.numel() else torch.empty(0, dtype=torch.long)
 
 
 def evaluate_checkpoint(
