@@ -15,7 +15,7 @@ STAMP := $(VENV)/.installed-$(LOCK_HASH)
 OTHER_PYTHONS ?= 3.12 3.13
 
 .PHONY: prereqs chromium-check setup demo test test-pythons unit integration soak lint schemas docs lock broker \
-	model model-eval gpu-wheels clean
+	model model-eval gpu-wheels gpu-wheels-train fer-pack clean
 
 # Pinned install: every package version comes from requirements.lock. pip's cache
 # (~/.cache/pip) keeps the several-GB torch wheel across fresh clones on one machine.
@@ -117,7 +117,7 @@ $(error --data $(FER) does not exist (or is not a folder): $(FER_HELP))
 endif
 endif
 MODEL_ARCH ?= base
-MODEL_EPOCHS ?= 40
+MODEL_EPOCHS ?= 45
 TEACHER_EPOCHS ?= 40
 model: setup
 	$(BIN)/emotion-worker train --data $(FER) --out $(MODEL_OUT) --from-scratch \
@@ -159,6 +159,19 @@ gpu-wheels:
 		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux_2_28_x86_64 -d $(GPU_WHEELS) $$pins
 	@ls -1 $(GPU_WHEELS)/*.whl
+
+# bench/gpu_model.sh (`make model` on a GPU host without network) needs the FER folder and
+# the training subset of the wheels: both travel with the working tree (66 MB of the device
+# tool's 64 MiB carry would not fit with all of gpu-wheels; these are ~53 MB).
+gpu-wheels-train:
+	$(MAKE) --no-print-directory gpu-wheels GPU_WHEELS=.cache/gpu-wheels-train \
+		GPU_WHEEL_PACKAGES="pydantic pydantic_core pydantic-settings python-dotenv annotated-types typing-inspection typing_extensions structlog"
+
+fer-pack:
+	@[ -d "$(FER)" ] || { echo "fer-pack: give FER=<FER-2013 train folder>" >&2; exit 2; }
+	mkdir -p .cache
+	tar -czf .cache/fer2013-train.tar.gz -C "$(dir $(abspath $(FER)))" "$(notdir $(abspath $(FER)))"
+	@ls -l .cache/fer2013-train.tar.gz
 
 clean:
 	rm -rf $(VENV) .venv-3.* .cache .pytest_cache .mypy_cache .ruff_cache
