@@ -78,6 +78,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 ["device / dtype", f"{model['device']} / {model['dtype']}"],
                 ["compiled", model["compiled"]],
                 ["preprocess", model["settings"]["preprocess"]],
+                ["test-time augmentation", model["settings"].get("tta", "none")],
                 ["batch size", model["batch_size"]],
             ],
             "ll",

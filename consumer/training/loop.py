@@ -404,21 +404,20 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
         )
     wall = time.perf_counter() - started
     images_per_s = seen / train_seconds if train_seconds else 0.0
-    _write_json(
-        out / "training_args.json",
-        {
-            **args,
-            "status": "finished",
-            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "wall_time_s": round(wall, 1),
-            "train_images_per_s": round(images_per_s, 1),
-            "best_epoch": best["epoch"],
-            "best_val": {k: best[k] for k in ("val_accuracy", "val_macro_f1")},
-            "calibration": calibrated,
-            "resumed_after_epoch": resumed.epoch if resumed is not None else None,
-            "teacher_summary": _teacher_summary(config.teacher),
-        },
-    )
+    args = {
+        **args,
+        "status": "finished",
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "wall_time_s": round(wall, 1),
+        "train_images_per_s": round(images_per_s, 1),
+        "best_epoch": best["epoch"],
+        "best_val": {k: best[k] for k in ("val_accuracy", "val_macro_f1")},
+        "calibration": calibrated,
+        "resumed_after_epoch": resumed.epoch if resumed is not None else None,
+        "teacher_summary": _teacher_summary(config.teacher),
+    }
+    _write_json(out / "training_args.json", args)
+    # The card reads the finished record (teacher, temperature), as a card rebuilt from it.
     write_model_card(out, config, args, history, best, eval_report, wall)
     clear_state(out)  # only now: a run that fails after its last epoch resumes there
     emit(

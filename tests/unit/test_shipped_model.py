@@ -22,9 +22,13 @@ from consumer.engine.preprocess import DevicePreprocessor, ProcessorSpec
 from consumer.eval.identity import checkpoint_identity
 from tests.conftest import FER_CHECKPOINT, FER_FACES, FER_REPORT
 
-# The issue's bar for the shipped model (validation split of the trainer's split.json).
-TARGET_ACCURACY = 0.55
-TARGET_MACRO_F1 = 0.45
+FER_FLIP_REPORT = FER_REPORT.with_name(FER_REPORT.name + "-flip")
+
+# A floor under the 0.5.0 model (59.4%, macro-F1 0.555 on the validation split of its
+# split.json): a retrain must not fall back; issue 17's target is 67% and 0.60.
+TARGET_ACCURACY = 0.585
+TARGET_MACRO_F1 = 0.54
+TARGET_ECE = 0.05
 
 
 def _val_paths() -> list[str]:
@@ -64,13 +68,21 @@ def test_checkpoint_is_small_safe_and_documented() -> None:
     args = json.loads(files["training_args.json"].read_text(encoding="utf-8"))
     # One documented command reproduces it: seed, data, hyperparameters are all recorded.
     assert args["status"] == "finished"
-    assert args["seed"] == 0 and args["arch"] == "small" and args["init"] is None
+    assert args["seed"] == 0 and args["arch"] == "base" and args["init"] is None
     assert args["command"].startswith("emotion-worker train --data")
+    # Distilled from a teacher that saw the training part only, calibrated on faces that
+    # no model trained on, the last epoch kept (the validation split chose nothing).
+    assert args["select"] == "last" and args["teacher_epochs"] >= 1
+    assert sum(args["counts"]["train"].values()) == args["teacher_summary"]["train_faces"]
+    assert 0 < args["calibration"]["temperature"] < 10
     for key in ("epochs", "batch_size", "lr", "weight_decay", "augment", "balance"):
         assert key in args, key
     split = json.loads(files["split.json"].read_text(encoding="utf-8"))
-    assert not set(split["train"]) & set(split["val"])
-    assert len(split["train"]) + len(split["val"]) == 28709
+    parts = [set(split[name]) for name in ("train", "val", "calibration")]
+    assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert sum(map(len, parts)) == 28709
+    assert args["teacher_summary"]["train_faces"] == len(split["train"])
+    assert args["calibration"]["faces"] == len(split["calibration"])
 
 
 def test_eval_report_is_of_these_files_and_meets_the_target() -> None:
@@ -80,6 +92,30 @@ def test_eval_report_is_of_these_files_and_meets_the_target() -> None:
     assert report["data"]["images"] == len(_val_paths())
     assert report["metrics"]["accuracy"] >= TARGET_ACCURACY
     assert report["metrics"]["macro_f1"] >= TARGET_MACRO_F1
+    # Calibrated: dashboards average the scores (the temperature was fitted elsewhere).
+    assert report["metrics"]["calibration"]["ece"] <= TARGET_ECE
+
+
+def test_flip_report_is_of_these_files_and_the_engine_reproduces_it(
+    val_faces: list[tuple[Image.Image, str]],
+) -> None:
+    """The test-time flip's report (make model-eval) names these files and the flip
+    setting; the engine with model.tta = flip gives its scores on the committed faces."""
+    report = json.loads((FER_FLIP_REPORT / "report.json").read_text(encoding="utf-8"))
+    assert report["model"]["identity"]["sha256"] == checkpoint_identity(FER_CHECKPOINT)["sha256"]
+    assert report["model"]["settings"]["tta"] == "flip"
+    assert report["data"]["images"] == len(_val_paths())
+    lines = (FER_FLIP_REPORT / "predictions.jsonl").read_text(encoding="utf-8").splitlines()
+    reported = {row["path"]: row for row in map(json.loads, lines)}
+    flip = EmotionEngine.load(
+        ModelSettings(path=FER_CHECKPOINT, device="cpu", tta="flip"), max_batch_size=64
+    )
+    results = flip.classify([face for face, _ in val_faces])
+    same = sum(
+        reported[path]["predicted"] == result.label
+        for path, result in zip(_committed_paths(), results, strict=True)
+    )
+    assert same / len(results) >= 0.995, f"{same} of {len(results)} labels agree"
 
 
 def test_engine_reproduces_the_reported_predictions_of_the_committed_faces(
