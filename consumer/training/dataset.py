@@ -230,6 +230,20 @@ class Augment:
             x = self._erase(x, generator)
         return x.round_().clamp_(0, 255).to(torch.uint8)
 
+    def describe(self) -> str:
+        """The augmentation in words, for the model card."""
+        if self == NO_AUGMENT:
+            return "none"
+        parts = [
+            f"random resized crop (area {self.scale[0]:g}-{self.scale[1]:g})",
+            f"flip p={self.flip:g}",
+            f"rotation +-{self.degrees:g} deg",
+            f"brightness/contrast +-{self.brightness:g}/{self.contrast:g}",
+        ]
+        if self.erase:
+            parts.append(f"random erasing p={self.erase:g}")
+        return ", ".join(parts)
+
     def _erase(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         batch, _, height, width = x.shape
         draws = torch.rand(batch, 5, generator=generator).to(x.device)

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 (torch's convention)
 
-from consumer.training.calibration import fit_temperature, fold_temperature
 from consumer.training.config import TrainConfig, TrainResult
 from consumer.training.dataset import (
     Example,
@@ -32,6 +31,7 @@ from consumer.training.dataset import (
     stratified_split,
     subsample,
 )
+from consumer.training.distill import calibrate, prepare_teacher, teacher_summary
 from consumer.training.loss import answer_loss, class_weights, distillation_loss, vocab_weights
 from consumer.training.metrics import classification_report
 from consumer.training.model import (
@@ -48,15 +48,9 @@ from consumer.training.probe import VisionProbe
 from consumer.training.provenance import git_commit, library_versions
 from consumer.training.resume import Progress, clear_state, load_state, save_state
 from consumer.training.teacher import (
-    TEACHER_META,
-    TeacherConfig,
-    TeacherNet,
-    load_teacher,
-    teacher_key,
     teacher_logits,
-    train_teacher,
 )
-from consumer.training.validation import evaluate_checkpoint, predict, predict_logits
+from consumer.training.validation import evaluate_checkpoint, predict
 
 
 def _write_json(path: Path, payload: Any) -> None:
@@ -184,7 +178,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
     probe_weight = class_weights(counts, config.balance_power) if config.balance == "loss" else None
     teacher = None
     if config.teacher is not None:
-        teacher = _teacher(
+        teacher = prepare_teacher(
             config, split.train, train_pixels, train_targets, val_pixels, val_targets, device, emit
         )
         if not fmt.first_tokens_unique:
@@ -389,7 +383,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
         save_checkpoint(model.to(save_dtype), processor, out)
 
     calibrated = (
-        _calibrate(out, config, calibration, normalize, fmt, device, emit) if calibration else None
+        calibrate(out, config, calibration, normalize, fmt, device, emit) if calibration else None
     )
     eval_report = evaluate_checkpoint(
         out, config.data, split.val, config.labels, config.prompt, device=str(device)
@@ -414,7 +408,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
         "best_val": {k: best[k] for k in ("val_accuracy", "val_macro_f1")},
         "calibration": calibrated,
         "resumed_after_epoch": resumed.epoch if resumed is not None else None,
-        "teacher_summary": _teacher_summary(config.teacher),
+        "teacher_summary": teacher_summary(config.teacher),
     }
     _write_json(out / "training_args.json", args)
     # The card reads the finished record (teacher, temperature), as a card rebuilt from it.
@@ -434,87 +428,3 @@ def train(config: TrainConfig, *, log: Callable[[str], None] | None = None) -> T
         train_images_per_s=images_per_s,
         wall_s=wall,
     )
-
-
-def _teacher(
-    config: TrainConfig,
-    train: Sequence[Example],
-    train_pixels: torch.Tensor,
-    train_targets: torch.Tensor,
-    val_pixels: torch.Tensor,
-    val_targets: Sequence[int],
-    device: torch.device,
-    emit: Callable[[str], None],
-) -> TeacherNet:
-    """The teacher in config.teacher if one was trained there on exactly these faces with
-    these settings, else a new one trained now (on the training part only) and stored there."""
-    assert config.teacher is not None
-    settings = TeacherConfig(epochs=config.teacher_epochs)
-    key = teacher_key(settings, [e.path for e in train], config.seed, config.image_size)
-    teacher = load_teacher(config.teacher, key, settings, len(config.labels), config.image_size)
-    if teacher is not None:
-        emit(f"teacher: reusing {config.teacher} (key {key})")
-    else:
-        emit(f"teacher: training {settings.epochs} epochs into {config.teacher} (key {key})")
-        teacher = train_teacher(
-            settings,
-            train_pixels,
-            train_targets,
-            labels=config.labels,
-            seed=config.seed,
-            device=device,
-            folder=config.teacher,
-            key=key,
-            report_pixels=val_pixels,
-            report_targets=val_targets,
-            emit=emit,
-        )
-    return teacher.to(device).eval()
-
-
-def _teacher_summary(folder: Path | None) -> dict[str, Any] | None:
-    """The teacher's settings and last epoch (with its validation score), for the card."""
-    if folder is None or not (folder / TEACHER_META).is_file():
-        return None
-    meta: dict[str, Any] = json.loads((folder / TEACHER_META).read_text(encoding="utf-8"))
-    return meta
-
-
-def _calibrate(
-    out: Path,
-    config: TrainConfig,
-    calibration: Sequence[Example],
-    normalize: Normalizer,
-    fmt: AnswerFormat,
-    device: torch.device,
-    emit: Callable[[str], None],
-) -> dict[str, Any]:
-    """Fit the temperature on the calibration faces, fold it into the saved checkpoint."""
-    from consumer.eval.metrics import calibration as calibration_table
-
-    model, processor, _ = load_init_model(out, str(device))
-    pixels = load_pixels(config.data, calibration, config.image_size)
-    targets = torch.tensor([e.label for e in calibration])
-    logits = predict_logits(
-        model, fmt, pixels, normalize, batch_size=config.eval_batch_size, device=device
-    )
-
-    def ece(temperature: float) -> float:
-        probabilities = (logits.double() / temperature).softmax(dim=1)
-        confidence, predicted = probabilities.max(dim=1)
-        return calibration_table(confidence.tolist(), (predicted == targets).tolist()).ece
-
-    temperature = fit_temperature(logits, targets)
-    fold_temperature(model, temperature)
-    save_checkpoint(model, processor, out)
-    result = {
-        "temperature": round(temperature, 4),
-        "faces": len(calibration),
-        "ece_before": round(ece(1.0), 4),
-        "ece_after": round(ece(temperature), 4),
-    }
-    emit(
-        f"calibration: temperature {temperature:.3f} on {len(calibration)} held-out training "
-        f"faces, ECE {result['ece_before']:.4f} -> {result['ece_after']:.4f}"
-    )
-    return result

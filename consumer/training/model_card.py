@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from consumer.training.config import TrainConfig
-from consumer.training.dataset import NO_AUGMENT, Augment
+from consumer.training.dataset import Augment
+from consumer.training.distill import card_lines
 from consumer.training.model import ARCHS
 from consumer.training.provenance import REPO
 
@@ -169,8 +170,8 @@ def render_model_card(
         f"{config.warmup:.0%}, cosine), weight decay {config.weight_decay:g}, label smoothing "
         f"{config.label_smoothing:g}, class balance `{config.balance}` "
         f"(power {config.balance_power:g}). Loss on the answer tokens only. Augmentation: "
-        f"{_describe_augment(config.augment)}. Wall time {wall / 60:.1f} min.",
-        *_distillation_lines(config, args),
+        f"{config.augment.describe()}. Wall time {wall / 60:.1f} min.",
+        *card_lines(config, args),
         "",
         "| epoch | train loss | train acc | val acc | val macro-F1 |",
         "|---|---|---|---|---|",
@@ -216,40 +217,6 @@ def render_model_card(
         "",
     ]
     return "\n".join(lines)
-
-
-def _distillation_lines(config: TrainConfig, args: dict[str, Any]) -> list[str]:
-    """The teacher and the temperature, when the run had them."""
-    lines: list[str] = []
-    teacher = args.get("teacher_summary")
-    if teacher:
-        settings, last = teacher["config"], teacher["last_epoch"]
-        score = (
-            f"; validation accuracy {last['val_accuracy']:.4f}, macro-F1 "
-            f"{last['val_macro_f1']:.4f} (measured only, never used to choose)"
-            if "val_accuracy" in last
-            else ""
-        )
-        lines += [
-            "",
-            f"Distilled from a VGG-style CNN teacher (widths {settings['widths']}, "
-            f"{teacher['parameters'] / 1e6:.2f}M parameters, {settings['epochs']} epochs, SGD "
-            f"Nesterov lr {settings['lr']:g}, random erasing; trained on the training part only, "
-            f"{teacher['wall_time_s'] / 60:.1f} min{score}). Loss: cross-entropy + "
-            f"{config.distill_weight:g} x T^2 x KL(teacher || student) on the label tokens at "
-            f"T = {config.distill_temperature:g}, the teacher seeing the same augmented view. "
-            "The teacher is not shipped.",
-        ]
-    calibration = args.get("calibration")
-    if calibration:
-        lines += [
-            "",
-            f"Calibration: temperature {calibration['temperature']:.3f} fitted on "
-            f"{calibration['faces']} held-out training faces (split.json's calibration list; no "
-            f"model trained on them) and folded into lm_head: ECE there "
-            f"{calibration['ece_before']:.4f} -> {calibration['ece_after']:.4f}.",
-        ]
-    return lines
 
 
 def _data_note(name: str, data: Path) -> list[str]:
@@ -426,17 +393,3 @@ def _default_labels() -> tuple[str, ...]:
     from consumer.config import FER_LABELS
 
     return FER_LABELS
-
-
-def _describe_augment(augment: Augment) -> str:
-    if augment == NO_AUGMENT:
-        return "none"
-    parts = [
-        f"random resized crop (area {augment.scale[0]:g}-{augment.scale[1]:g})",
-        f"flip p={augment.flip:g}",
-        f"rotation +-{augment.degrees:g} deg",
-        f"brightness/contrast +-{augment.brightness:g}/{augment.contrast:g}",
-    ]
-    if augment.erase:
-        parts.append(f"random erasing p={augment.erase:g}")
-    return ", ".join(parts)

@@ -22,6 +22,10 @@ LONG_MODULES: dict[str, str] = {
         "the broker's shared state (topics, groups, transactions, faults) behind one lock; "
         "its clients live in memory_consumer/memory_producer"
     ),
+    "consumer/training/loop.py": (
+        "one training run's flow (data, model, epochs with resume, save, calibrate, report) "
+        "in order; its teacher and calibration live in distill.py, the state in resume.py"
+    ),
 }
 # What each concern may import from the others: the flow is stream -> fetch -> decode ->
 # engine -> publish -> commit, with config, errors and ops (metrics, health) underneath
